@@ -1,0 +1,331 @@
+import json
+
+import pytest
+
+from wsrelay import usage
+from wsrelay.usage import (RELAY_DRAIN_TIMEOUT, RELAY_SESSION_CLOSED, RELAY_UPSTREAM_LOST, TERMINAL_EVENTS,
+                           TurnLedger, UsageRecord, extract_usage, may_be_terminal, parse_event)
+
+pytestmark = pytest.mark.timeout(10)
+
+
+class FakeClock:
+    def __init__(self, now=1_000.0):
+        self.now = now
+
+    def __call__(self):
+        return self.now
+
+    def advance(self, seconds):
+        self.now += seconds
+
+
+def terminal(kind, response_id="resp_1", model="gpt-test", usage_block=None):
+    response = {"id": response_id, "object": "response", "model": model}
+    if usage_block is not None:
+        response["usage"] = usage_block
+    return {"type": kind, "response": response}
+
+
+def bare_error(message="boom"):
+    return {"type": "error", "error": {"type": "server_error", "message": message}}
+
+
+USAGE = {"input_tokens": 100, "output_tokens": 40, "total_tokens": 140,
+         "input_tokens_details": {"cached_tokens": 30}, "output_tokens_details": {"reasoning_tokens": 10}}
+
+
+def make_ledger(clock=None):
+    return TurnLedger("sess-1", key_id="key-a", clock=clock or FakeClock())
+
+
+# --- may_be_terminal -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", sorted(TERMINAL_EVENTS))
+def test_may_be_terminal_accepts_every_terminal_type(kind):
+    message = json.dumps({"type": kind, "response": {"id": "resp_1", "output": [{"type": "message"}]}})
+    assert may_be_terminal(message.encode()[:96])
+
+
+@pytest.mark.parametrize("prefix", [
+    b'{"type":"response.output_text.delta","sequence_number":12,"item_id":"msg_1","output_index":0,"delta":"He',
+    b'{"type":"response.output_text.done","item_id":"msg_1","output_index":0,"content_index":0,"text":"Hello"',
+    b'{"type":"response.created","response":{"id":"resp_1","object":"response","status":"in_progress"',
+    b'{"type":"response.done_something","x":1}',
+    b'{"type":"response.in_progress"}',
+    b'{"type": "response.reasoning_summary_text.delta", "delta": "thinking"}',
+    b'{"type":null}',
+])
+def test_may_be_terminal_rules_out_non_terminal_types(prefix):
+    assert not may_be_terminal(prefix)
+
+
+@pytest.mark.parametrize("prefix", [
+    b'{"type":"response.completed","response":{"id":"resp_1","object":"response","created_at":1700000000,',
+    b'{"type": "error",',
+    b'{"type" :  "response.done"}',
+    b'{"type":\n"response.failed","sequence_number":99}',
+    b'  {"type":"response.incomplete","response":{}}',
+])
+def test_may_be_terminal_detects_realistic_terminal_prefixes(prefix):
+    assert may_be_terminal(prefix)
+
+
+def test_may_be_terminal_cannot_rule_out_a_message_whose_type_is_beyond_the_prefix():
+    prefix = (b'{"delta":"x' + b"y" * 200 + b'","type":"response.output_text.delta"}')[:96]
+    assert b'"type"' not in prefix
+    assert may_be_terminal(prefix)
+
+
+def test_may_be_terminal_keeps_a_terminal_type_cut_off_by_the_prefix():
+    assert may_be_terminal(b'{"sequence_number":1,"type":"response.compl')
+    assert not may_be_terminal(b'{"sequence_number":1,"type":"response.output_te')
+
+
+def test_may_be_terminal_skips_the_word_type_used_as_a_string_value():
+    assert may_be_terminal(b'{"kind":"type","type":"response.completed"}')
+    assert not may_be_terminal(b'{"kind":"type","type":"response.output_item.added"}')
+
+
+def test_may_be_terminal_does_not_trust_a_type_key_of_a_nested_object():
+    prefix = b'{"response":{"output":[{"type":"message","id":"msg_1"}]},"type":"response.completed"}'
+    assert may_be_terminal(prefix)
+
+
+# --- parse_event / extract_usage -------------------------------------------------------------------------------
+
+
+def test_parse_event_returns_objects_and_rejects_everything_else():
+    assert parse_event(b'{"type":"error"}') == {"type": "error"}
+    assert parse_event('{"a":1}') == {"a": 1}
+    assert parse_event(b"[1,2]") is None
+    assert parse_event(b"not json") is None
+    assert parse_event(b"\xff\xfe") is None
+    assert parse_event(b"") is None
+
+
+def test_extract_usage_reads_responses_fields_with_cached_reasoning_and_image_tokens():
+    event = terminal("response.completed", usage_block={
+        "input_tokens": 500, "output_tokens": 300, "total_tokens": 800,
+        "input_tokens_details": {"cached_tokens": 200},
+        "output_tokens_details": {"reasoning_tokens": 120, "image_tokens": 64}})
+    assert extract_usage(event) == {"input_tokens": 500, "output_tokens": 300, "total_tokens": 800,
+                                    "cached_tokens": 200, "reasoning_tokens": 120, "image_tokens": 64}
+
+
+def test_extract_usage_maps_chat_style_aliases():
+    event = {"type": "response.completed", "usage": {
+        "prompt_tokens": 12, "completion_tokens": 8, "total_tokens": 20,
+        "prompt_tokens_details": {"cached_tokens": 4}, "completion_tokens_details": {"reasoning_tokens": 3}}}
+    assert extract_usage(event) == {"input_tokens": 12, "output_tokens": 8, "total_tokens": 20,
+                                    "cached_tokens": 4, "reasoning_tokens": 3, "image_tokens": 0}
+
+
+def test_extract_usage_folds_separately_reported_reasoning_into_output():
+    event = terminal("response.completed", usage_block={
+        "input_tokens": 100, "output_tokens": 40, "total_tokens": 190,
+        "output_tokens_details": {"reasoning_tokens": 50}})
+    got = extract_usage(event)
+    assert got["output_tokens"] == 90
+    assert got["total_tokens"] == 190
+    assert got["reasoning_tokens"] == 50
+
+
+def test_extract_usage_leaves_included_reasoning_alone():
+    got = extract_usage(terminal("response.completed", usage_block=USAGE))
+    assert got["output_tokens"] == 40 and got["total_tokens"] == 140
+
+
+def test_extract_usage_computes_a_missing_total():
+    got = extract_usage(terminal("response.completed", usage_block={"input_tokens": 7, "output_tokens": 5}))
+    assert got["total_tokens"] == 12
+
+
+@pytest.mark.parametrize("bad", [None, "12", -5, 3.5, True, [], {}, float("nan")])
+def test_extract_usage_turns_unusable_counts_into_zero(bad):
+    event = terminal("response.completed", usage_block={
+        "input_tokens": bad, "output_tokens": 5, "total_tokens": bad,
+        "input_tokens_details": {"cached_tokens": bad}, "output_tokens_details": bad})
+    got = extract_usage(event)
+    assert got == {"input_tokens": 0, "output_tokens": 5, "total_tokens": 5, "cached_tokens": 0,
+                   "reasoning_tokens": 0, "image_tokens": 0}
+
+
+@pytest.mark.parametrize("event", [{}, {"type": "error"}, {"response": None}, {"response": {"usage": "x"}},
+                                   {"response": [], "usage": 5}, "not a dict"])
+def test_extract_usage_without_usage_is_all_zero(event):
+    assert extract_usage(event) == dict.fromkeys(
+        ("input_tokens", "output_tokens", "total_tokens", "cached_tokens", "reasoning_tokens", "image_tokens"), 0)
+
+
+# --- UsageRecord ---------------------------------------------------------------------------------------------
+
+
+def test_usage_record_round_trips_through_a_dict_and_gets_unique_ids():
+    a = UsageRecord(session_id="s", response_id="r", input_tokens=3, terminal_event="response.completed",
+                    client_disconnected=True, started_at=12.5, duration_ms=7)
+    assert UsageRecord.from_dict(a.to_dict()) == a
+    assert UsageRecord().record_id != UsageRecord().record_id
+    assert len(a.record_id) == 32
+
+
+def test_usage_record_from_dict_coerces_sloppy_input():
+    r = UsageRecord.from_dict({"record_id": "x", "session_id": None, "input_tokens": "9", "output_tokens": -1,
+                               "started_at": "12.5", "client_disconnected": 1, "unknown": "ignored"})
+    assert (r.record_id, r.session_id, r.input_tokens, r.output_tokens, r.started_at, r.client_disconnected) == \
+        ("x", "", 0, 0, 12.5, True)
+
+
+# --- TurnLedger ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", sorted(TERMINAL_EVENTS - {"error"}))
+def test_every_terminal_event_settles_the_turn_with_its_usage(kind):
+    clock = FakeClock()
+    ledger = make_ledger(clock)
+    assert ledger.start_turn("hint-model") == []
+    assert ledger.in_flight
+    clock.advance(2.5)
+    [record] = ledger.on_event(terminal(kind, usage_block=USAGE))
+    assert not ledger.in_flight
+    assert record.terminal_event == kind
+    assert (record.session_id, record.key_id, record.response_id, record.model) == \
+        ("sess-1", "key-a", "resp_1", "gpt-test")
+    assert (record.input_tokens, record.output_tokens, record.total_tokens, record.cached_tokens,
+            record.reasoning_tokens) == (100, 40, 140, 30, 10)
+    assert record.started_at == 1000.0 and record.duration_ms == 2500
+    assert record.client_disconnected is False
+
+
+def test_bare_error_ends_the_turn_and_is_billed_at_close():
+    ledger = make_ledger()
+    ledger.start_turn("gpt-hint")
+    assert ledger.on_event(bare_error()) == []
+    assert not ledger.in_flight
+    [record] = ledger.close()
+    assert record.terminal_event == "error"
+    assert record.model == "gpt-hint" and record.response_id is None
+    assert ledger.close() == []
+
+
+def test_bare_error_followed_by_failed_is_billed_once():
+    clock = FakeClock()
+    ledger = make_ledger(clock)
+    ledger.start_turn("gpt-hint")
+    clock.advance(1)
+    assert ledger.on_event(bare_error()) == []
+    clock.advance(0.5)
+    [record] = ledger.on_event(terminal("response.failed", response_id="resp_9", usage_block=USAGE))
+    assert record.terminal_event == "response.failed"
+    assert record.response_id == "resp_9"
+    assert record.input_tokens == 100 and record.total_tokens == 140
+    assert record.duration_ms == 1500
+    assert ledger.close() == []
+
+
+def test_bare_error_keeps_its_usage_when_the_following_failed_has_none():
+    ledger = make_ledger()
+    ledger.start_turn()
+    error = dict(bare_error(), usage={"input_tokens": 11, "output_tokens": 2})
+    assert ledger.on_event(error) == []
+    [record] = ledger.on_event(terminal("response.failed", response_id="resp_2"))
+    assert (record.input_tokens, record.output_tokens, record.total_tokens) == (11, 2, 13)
+    assert record.response_id == "resp_2"
+
+
+def test_bare_error_followed_by_a_new_turn_flushes_the_error_record():
+    ledger = make_ledger()
+    ledger.start_turn()
+    ledger.on_event(bare_error())
+    [flushed] = ledger.start_turn()
+    assert flushed.terminal_event == "error"
+    assert ledger.in_flight
+    [record] = ledger.on_event(terminal("response.failed"))
+    assert record.terminal_event == "response.failed" and record.record_id != flushed.record_id
+
+
+def test_bare_error_is_flushed_by_an_unrelated_terminal_event():
+    ledger = make_ledger()
+    ledger.start_turn()
+    ledger.on_event(bare_error())
+    records = ledger.on_event(terminal("response.completed", usage_block=USAGE))
+    assert [r.terminal_event for r in records] == ["error", "response.completed"]
+
+
+def test_multi_turn_session_produces_one_record_per_turn():
+    clock = FakeClock()
+    ledger = make_ledger(clock)
+    records = []
+    for i in range(3):
+        records += ledger.start_turn("m")
+        clock.advance(1)
+        records += ledger.on_event({"type": "response.output_text.delta", "delta": "x"})
+        records += ledger.on_event(terminal("response.completed", response_id="resp_%d" % i, usage_block=USAGE))
+    records += ledger.close()
+    assert [r.response_id for r in records] == ["resp_0", "resp_1", "resp_2"]
+    assert [r.started_at for r in records] == [1000.0, 1001.0, 1002.0]
+    assert len({r.record_id for r in records}) == 3
+
+
+def test_pipelined_create_keeps_the_turn_in_flight():
+    clock = FakeClock()
+    ledger = make_ledger(clock)
+    ledger.start_turn()
+    clock.advance(3)
+    assert ledger.start_turn("late-hint") == []
+    [record] = ledger.on_event({"type": "response.completed", "response": {"id": "r"}})
+    assert record.started_at == 1000.0 and record.model == "late-hint"
+    assert ledger.on_event(terminal("response.completed"))[0].duration_ms == 0
+
+
+def test_unprompted_terminal_event_is_still_recorded():
+    ledger = make_ledger()
+    [record] = ledger.on_event(terminal("response.completed", usage_block=USAGE))
+    assert record.started_at == 1000.0 and record.duration_ms == 0 and record.input_tokens == 100
+
+
+def test_non_terminal_and_malformed_events_are_ignored():
+    ledger = make_ledger()
+    ledger.start_turn()
+    for event in ({"type": "response.output_text.done"}, {"type": 5}, {}, None, "x", {"type": "response.created"}):
+        assert ledger.on_event(event) == []
+    assert ledger.in_flight
+
+
+def test_terminal_event_during_drain_marks_client_disconnected():
+    ledger = make_ledger()
+    ledger.start_turn()
+    [record] = ledger.on_event(terminal("response.completed", usage_block=USAGE), client_disconnected=True)
+    assert record.client_disconnected is True
+
+
+@pytest.mark.parametrize("reason", [RELAY_UPSTREAM_LOST, RELAY_DRAIN_TIMEOUT, RELAY_SESSION_CLOSED])
+def test_abandon_records_the_turn_in_flight_with_zero_tokens(reason):
+    clock = FakeClock()
+    ledger = make_ledger(clock)
+    ledger.start_turn("gpt-hint")
+    clock.advance(4)
+    [record] = ledger.abandon(reason, client_disconnected=True)
+    assert record.terminal_event == reason and record.client_disconnected is True
+    assert record.model == "gpt-hint" and record.duration_ms == 4000
+    assert (record.input_tokens, record.output_tokens, record.total_tokens) == (0, 0, 0)
+    assert not ledger.in_flight
+    assert ledger.abandon(reason, client_disconnected=True) == []
+
+
+def test_abandon_without_a_turn_only_flushes_a_pending_error():
+    ledger = make_ledger()
+    assert ledger.abandon(RELAY_UPSTREAM_LOST, False) == []
+    ledger.start_turn()
+    ledger.on_event(bare_error())
+    [record] = ledger.abandon(RELAY_UPSTREAM_LOST, False)
+    assert record.terminal_event == "error"
+
+
+def test_close_records_a_turn_left_in_flight_so_it_is_never_lost():
+    ledger = make_ledger()
+    ledger.start_turn()
+    [record] = ledger.close()
+    assert record.terminal_event == usage.RELAY_SESSION_CLOSED
+    assert ledger.close() == []

@@ -1,0 +1,3 @@
+from wsrelay.cli import main
+
+main(prog_name="wsrelay")

@@ -1,0 +1,126 @@
+"""``wsrelay`` command line: serve, usage, check-config, fake-upstream."""
+
+import sys
+
+import click
+
+import wsrelay  # noqa: F401  (patches the standard library for gevent before anything else imports it)
+
+from . import config as config_mod
+
+
+def _load(path, overrides=None):
+    try:
+        return config_mod.load(path, overrides)
+    except config_mod.ConfigError as exc:
+        for problem in exc.problems:
+            click.echo("wsrelay: config: %s" % problem, err=True)
+        raise SystemExit(2)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(wsrelay.__version__, prog_name="wsrelay")
+def main():
+    """Relay OpenAI Responses WebSocket sessions: keep long turns alive, record every turn's usage."""
+
+
+@main.command()
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML configuration file.")
+@click.option("--host", help="Listen address (server.host).")
+@click.option("--port", type=int, help="Listen port (server.port).")
+@click.option("--upstream", help="Upstream WebSocket URL (upstream.url).")
+def serve(config_path, host, port, upstream):
+    """Run the relay.  Flags beat the file, the file beats the defaults."""
+    from .server import serve as run
+    from .store import UsageStore
+    from .trace import Tracer
+
+    cfg = _load(config_path, {"server.host": host, "server.port": port, "upstream.url": upstream})
+    tracer = Tracer(path=cfg["trace.path"])
+    store = UsageStore(cfg["usage.sqlite_path"], cfg.usage_fallback_path, trace=tracer)
+    try:
+        store.start()
+    except Exception as exc:  # the relay still runs: records then wait in the fallback file
+        tracer.emit("usage_store_failed", error=str(exc))
+    try:
+        sys.exit(run(cfg, tracer, store))
+    except OSError as exc:
+        click.echo("wsrelay: cannot listen on %s:%s: %s" % (cfg["server.host"], cfg["server.port"],
+                                                            exc.strerror or exc), err=True)
+        sys.exit(1)
+
+
+@main.command()
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML configuration file.")
+@click.option("--db", "db_path", type=click.Path(dir_okay=False), help="Usage database (default: usage.sqlite_path).")
+@click.option("--since", type=float, default=None, help="Only records started at or after this epoch time.")
+@click.option("--format", "fmt", type=click.Choice(["json", "table", "csv"]), default="table", show_default=True)
+def usage(config_path, db_path, since, fmt):
+    """Print the recorded usage, one record per turn."""
+    from .report import format_records
+    from .store import UsageStore
+
+    cfg = _load(config_path)
+    path = db_path or cfg["usage.sqlite_path"]
+    store = UsageStore(path, None if db_path else cfg.usage_fallback_path)
+    click.echo(format_records(store.query(since=since), fmt), nl=False)
+
+
+@main.command("check-config")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML configuration file.")
+@click.option("--print-defaults", is_flag=True, help="Print the commented default configuration and exit.")
+@click.option("--print-reference", is_flag=True, help="Print the settings reference (reStructuredText) and exit.")
+def check_config(config_path, print_defaults, print_reference):
+    """Validate a configuration file: one message per invalid key or value, non-zero exit if any."""
+    if print_reference:
+        click.echo(config_mod.render_reference(), nl=False)
+        return
+    if print_defaults:
+        click.echo(config_mod.render_yaml(), nl=False)
+        return
+    if not config_path:
+        raise click.UsageError("--config is required (or --print-defaults)")
+    cfg = _load(config_path)
+    warnings = []
+    if cfg["auth.keys"] and not cfg.upstream_api_key():
+        warnings.append("auth.keys is set but there is no upstream credential (upstream.api_key or the "
+                        "variable named by upstream.api_key_env): every session would be refused")
+    for warning in warnings:
+        click.echo("wsrelay: config: warning: %s" % warning, err=True)
+    click.echo("%s: OK" % config_path)
+
+
+@main.command("fake-upstream")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=int, default=9090, show_default=True)
+@click.option("--silence", type=float, default=0.0, show_default=True,
+              help="Seconds of silence before a turn's terminal event.")
+@click.option("--mode", type=click.Choice(["normal", "error", "close-mid", "drop-mid", "echo"]), default="normal",
+              show_default=True)
+@click.option("--deltas", type=int, default=3, show_default=True, help="Text deltas per turn.")
+def fake_upstream(host, port, silence, mode, deltas):
+    """A Responses-shaped WebSocket upstream for tests and smoke tests (no model behind it)."""
+    import signal
+
+    import gevent
+    import gevent.event
+
+    from .fake_upstream import FakeUpstream, make_server
+
+    server = make_server(FakeUpstream(mode=mode, silence=silence, deltas=deltas), host, port)
+    try:
+        server.start()
+    except OSError as exc:
+        click.echo("wsrelay: cannot listen on %s:%s: %s" % (host, port, exc.strerror or exc), err=True)
+        sys.exit(1)
+    click.echo("fake upstream listening on ws://%s:%d/v1/responses (mode=%s silence=%gs)"
+               % (host, server.server_port, mode, silence), err=True)
+    stop = gevent.event.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        gevent.signal_handler(signum, stop.set)
+    stop.wait()
+    server.stop(timeout=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,276 @@
+"""Every wsrelay setting, declared once.
+
+The YAML file, the CLI flags, ``bin/wsrelay check-config`` and ``etc/wsrelay.yaml`` are all derived from
+:data:`SETTINGS`.  A setting's name is its dotted path in the YAML file
+(``gateway.openai_ws.passthrough_downstream_ping_interval_seconds`` is ``gateway: {openai_ws: {...}}``).
+"""
+
+import os
+from dataclasses import dataclass, field
+
+import yaml
+
+MiB = 1024 * 1024
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; ``problems`` lists one message per bad key or value."""
+
+    def __init__(self, problems):
+        self.problems = list(problems)
+        super().__init__("; ".join(self.problems))
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    type: type
+    default: object
+    doc: str
+    minimum: float = None
+    maximum: float = None
+    exclusive_minimum: bool = False
+    nullable: bool = False
+    secret: bool = False
+    choices: tuple = ()
+
+    def coerce(self, value):
+        """Return ``value`` converted to this setting's type, or raise ValueError saying why."""
+        if value is None:
+            if self.nullable:
+                return None
+            raise ValueError("must not be empty")
+        if self.type is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "yes", "on", "1", "false", "no", "off", "0"):
+                return value.lower() in ("true", "yes", "on", "1")
+            raise ValueError("must be true or false, got %r" % (value,))
+        if self.type is list:
+            if isinstance(value, str):
+                value = [v.strip() for v in value.split(",") if v.strip()]
+            if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v for v in value):
+                raise ValueError("must be a list of non-empty strings")
+            return list(value)
+        if self.type in (int, float):
+            if isinstance(value, bool):
+                raise ValueError("must be a number, got %r" % (value,))
+            try:
+                number = self.type(value)
+            except (TypeError, ValueError):
+                raise ValueError("must be %s, got %r" % ("an integer" if self.type is int else "a number", value))
+            if self.type is int and isinstance(value, float) and value != int(value):
+                raise ValueError("must be an integer, got %r" % (value,))
+            if self.minimum is not None:
+                if self.exclusive_minimum and number <= self.minimum:
+                    raise ValueError("must be greater than %s, got %s" % (self.minimum, number))
+                if not self.exclusive_minimum and number < self.minimum:
+                    raise ValueError("must be at least %s, got %s" % (self.minimum, number))
+            if self.maximum is not None and number > self.maximum:
+                raise ValueError("must be at most %s, got %s" % (self.maximum, number))
+            return number
+        if not isinstance(value, str):
+            raise ValueError("must be a string, got %r" % (value,))
+        if self.choices and value not in self.choices:
+            raise ValueError("must be one of %s, got %r" % (", ".join(self.choices), value))
+        return value
+
+
+_WS = "gateway.openai_ws."
+
+SETTINGS = (
+    Setting("server.host", str, "127.0.0.1", "Address to listen on."),
+    Setting("server.port", int, 8080, "TCP port to listen on.", minimum=0, maximum=65535),
+    Setting("server.backlog", int, 1024, "Listen backlog.", minimum=1),
+    Setting("upstream.url", str, "wss://api.openai.com/v1/responses",
+            "Upstream Responses WebSocket endpoint (ws:// or wss://)."),
+    Setting("upstream.api_key", str, None, "Credential sent upstream as 'Authorization: Bearer' when auth.keys "
+            "is set. Prefer upstream.api_key_env.", nullable=True, secret=True),
+    Setting("upstream.api_key_env", str, "OPENAI_API_KEY",
+            "Environment variable holding the upstream credential (used when upstream.api_key is empty).",
+            nullable=True),
+    Setting("upstream.connect_timeout_seconds", float, 10.0,
+            "Time allowed for the upstream TCP, TLS and WebSocket handshake; past it the client gets 504.",
+            minimum=0, exclusive_minimum=True),
+    Setting("upstream.ca_file", str, None, "Extra CA bundle (PEM) for verifying the upstream's TLS certificate. "
+            "Verification is always on.", nullable=True),
+    Setting("auth.keys", list, [], "Relay keys clients must present as 'Authorization: Bearer <key>'. "
+            "Each is the key itself or 'sha256:<hex digest>'. Empty: pure passthrough of the client's own "
+            "Authorization.", secret=True),
+    Setting(_WS + "passthrough_downstream_ping_interval_seconds", float, 20.0,
+            "Send a WebSocket Ping to the client when the downstream has been idle this long, once the first "
+            "business frame was written. 0 disables. Keep it below the idle timeout of every proxy in front "
+            "(nginx proxy_read_timeout 60 s, Cloudflare 100 s, AWS ALB 60 s).", minimum=0),
+    Setting(_WS + "passthrough_downstream_ping_timeout_seconds", float, 5.0,
+            "How long to wait for the Pong; no Pong in time is a graceful client disconnect.",
+            minimum=0, exclusive_minimum=True),
+    Setting(_WS + "upstream_drain_timeout_seconds", float, 60.0,
+            "After the client leaves mid-turn, keep reading the upstream this long for the terminal event "
+            "so the turn's usage is recorded.", minimum=0),
+    Setting(_WS + "client_read_limit_bytes", int, 64 * MiB,
+            "Largest client message accepted; a larger one is refused with close code 1009.", minimum=1),
+    Setting(_WS + "write_timeout_seconds", float, 60.0,
+            "Longest time one write to the client or the upstream may block (a client that stops reading).",
+            minimum=0, exclusive_minimum=True),
+    Setting(_WS + "close_timeout_seconds", float, 5.0,
+            "How long to wait for the peer's reply to a close frame before dropping the connection.",
+            minimum=0, exclusive_minimum=True),
+    Setting("usage.sqlite_path", str, "./wsrelay-usage.db", "SQLite database the usage records go to."),
+    Setting("usage.fallback_path", str, None, "Append-only file that holds usage records while the database "
+            "cannot be written; re-imported on recovery and at start. Default: <sqlite_path>.pending.jsonl.",
+            nullable=True),
+    Setting("usage.max_event_bytes", int, 64 * MiB,
+            "Largest terminal event copied for usage parsing.", minimum=1024),
+    Setting("trace.path", str, None, "File the trace lines are appended to. Default: standard error.",
+            nullable=True),
+)
+
+BY_NAME = {s.name: s for s in SETTINGS}
+
+
+@dataclass
+class Config:
+    """Validated settings; read them with ``config["server.port"]`` or ``config.get(...)``."""
+
+    values: dict = field(default_factory=dict)
+    source: str = None
+
+    def __getitem__(self, name):
+        return self.values[name]
+
+    def get(self, name, default=None):
+        return self.values.get(name, default)
+
+    def upstream_api_key(self):
+        """The upstream credential: ``upstream.api_key``, else the environment variable it names."""
+        key = self.values["upstream.api_key"]
+        if not key and self.values["upstream.api_key_env"]:
+            key = os.environ.get(self.values["upstream.api_key_env"]) or None
+        return key
+
+    @property
+    def usage_fallback_path(self):
+        return self.values["usage.fallback_path"] or self.values["usage.sqlite_path"] + ".pending.jsonl"
+
+
+def _flatten(tree, prefix="", out=None, problems=None):
+    for key, value in tree.items():
+        name = prefix + str(key)
+        if isinstance(value, dict) and name not in BY_NAME:
+            _flatten(value, name + ".", out, problems)
+        else:
+            out[name] = value
+    return out
+
+
+def load(path=None, overrides=None):
+    """Build a :class:`Config` from defaults, then the YAML file at ``path``, then ``overrides`` (dotted names).
+
+    Raises :class:`ConfigError` listing every unknown key and every invalid value.
+    """
+    raw = {}
+    problems = []
+    if path:
+        try:
+            with open(path, "r", encoding="utf-8") as fh:
+                tree = yaml.safe_load(fh)
+        except OSError as exc:
+            raise ConfigError(["%s: cannot read: %s" % (path, exc.strerror or exc)])
+        except yaml.YAMLError as exc:
+            raise ConfigError(["%s: not valid YAML: %s" % (path, exc)])
+        if tree is None:
+            tree = {}
+        if not isinstance(tree, dict):
+            raise ConfigError(["%s: the top level must be a mapping of settings" % path])
+        raw = _flatten(tree, out={})
+    raw.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    values = {}
+    for name, value in raw.items():
+        setting = BY_NAME.get(name)
+        if setting is None:
+            problems.append("%s: unknown setting" % name)
+            continue
+        try:
+            values[name] = setting.coerce(value)
+        except ValueError as exc:
+            problems.append("%s: %s" % (name, exc))
+    for setting in SETTINGS:
+        values.setdefault(setting.name, list(setting.default) if setting.type is list else setting.default)
+    problems.extend(_cross_check(values))
+    if problems:
+        raise ConfigError(problems)
+    return Config(values, path)
+
+
+def _cross_check(values):
+    problems = []
+    interval = values[_WS + "passthrough_downstream_ping_interval_seconds"]
+    timeout = values[_WS + "passthrough_downstream_ping_timeout_seconds"]
+    if interval and timeout >= interval:
+        problems.append("%spassthrough_downstream_ping_timeout_seconds: must be less than the ping interval "
+                        "(%s), got %s" % (_WS, interval, timeout))
+    url = values["upstream.url"]
+    if not (url.startswith("ws://") or url.startswith("wss://")):
+        problems.append("upstream.url: must start with ws:// or wss://, got %r" % url)
+    for key in values["auth.keys"]:
+        if key.startswith("sha256:"):
+            digest = key[len("sha256:"):]
+            if len(digest) != 64 or any(c not in "0123456789abcdefABCDEF" for c in digest):
+                problems.append("auth.keys: a sha256: key must be followed by 64 hex digits")
+    return problems
+
+
+def render_yaml():
+    """The commented sample configuration (``etc/wsrelay.yaml``), every setting with its default."""
+    lines = ["# wsrelay configuration. Every setting, with its default.",
+             "# Generated from wsrelay/config.py: `bin/wsrelay check-config --print-defaults`.", ""]
+    tree = {}
+    for setting in SETTINGS:
+        node = tree
+        parts = setting.name.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = setting
+
+    def emit(node, depth):
+        for key, value in node.items():
+            pad = "  " * depth
+            if isinstance(value, dict):
+                lines.append("%s%s:" % (pad, key))
+                emit(value, depth + 1)
+                if depth == 0:
+                    lines.append("")
+                continue
+            for doc_line in _wrap(value.doc, 100 - len(pad)):
+                lines.append("%s# %s" % (pad, doc_line))
+            default = value.default
+            rendered = yaml.safe_dump({key: default}, default_flow_style=True, width=1000).strip()[1:-1]
+            lines.append("%s%s" % (pad, rendered.replace(": null", ": null")))
+
+    emit(tree, 0)
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _wrap(text, width):
+    words, line, out = text.split(), "", []
+    for word in words:
+        if line and len(line) + 1 + len(word) > width:
+            out.append(line)
+            line = word
+        else:
+            line = (line + " " + word) if line else word
+    if line:
+        out.append(line)
+    return out
+
+
+def render_reference():
+    """The settings as an reStructuredText definition list (the README's configuration reference)."""
+    out = []
+    for setting in SETTINGS:
+        default = setting.default
+        shown = "none" if default is None or default == [] else "``%s``" % (default,)
+        out.append("``%s``" % setting.name)
+        out.append("    %s Default: %s." % (setting.doc, shown))
+        out.append("")
+    return "\n".join(out)

@@ -1,0 +1,80 @@
+"""Downstream keepalive: WebSocket Pings to the client while a long turn is silent.
+
+Idle-sensitive proxies in front of the relay (nginx 60 s, Cloudflare 100 s, AWS ALB 60 s) close a client socket
+that carries nothing; Ping frames are traffic for all of them.  The rules:
+
+* nothing before the first downstream business frame (a session that never started is never kept alive);
+* a Ping only after a full interval without any downstream write (business writes postpone it);
+* the Ping goes out at a frame boundary (the session's downstream write lock) and its Pong is awaited with
+  ``gevent.Timeout``; a failed write or a missing Pong means the client is gone (a graceful disconnect).
+
+The greenlet sleeps until a Ping is due, it never polls.
+"""
+
+import itertools
+import time
+
+import gevent
+
+STAGE_OK = "downstream_ping_ok"
+STAGE_FAILED = "downstream_ping_failed"
+STAGE_UNSUPPORTED = "downstream_ping_unsupported"
+DIRECTION = "downstream_keepalive"
+
+
+class PingUnsupported(Exception):
+    """The downstream transport cannot carry a Ping frame."""
+
+
+def ping_due_in(now, last_write, interval):
+    """Seconds until a Ping is due, given the time of the last downstream write; <= 0 means now."""
+    return last_write + interval - now
+
+
+class Keepalive:
+    """Runs in its own greenlet for one session; returns an exit value when the client is found gone.
+
+    ``session`` provides: ``first_business_write`` (gevent Event), ``last_downstream_write`` (monotonic seconds),
+    ``send_ping(payload)`` (raises OSError when the client is gone, PingUnsupported when it cannot ping),
+    ``pong_event`` (gevent Event the client pump sets on the matching Pong), ``expected_pong`` (attribute),
+    ``trace(stage, **fields)`` and ``keepalive_failed(error)`` returning the exit value.
+    """
+
+    _counter = itertools.count(1)
+
+    def __init__(self, session, interval, timeout, clock=time.monotonic):
+        self.session = session
+        self.interval = interval
+        self.timeout = timeout
+        self.clock = clock
+        self.pings_ok = 0
+
+    def run(self):
+        session = self.session
+        session.first_business_write.wait()
+        while True:
+            delay = ping_due_in(self.clock(), session.last_downstream_write, self.interval)
+            if delay > 0:
+                gevent.sleep(delay)
+                continue
+            payload = b"wsrelay-keepalive-%d" % next(self._counter)
+            session.pong_event.clear()
+            session.expected_pong = payload
+            try:
+                sent_at = session.send_ping(payload, self.interval)
+            except PingUnsupported:
+                session.trace(STAGE_UNSUPPORTED, direction=DIRECTION, graceful=True,
+                              wrote_downstream=session.wrote_downstream)
+                return None
+            except OSError as exc:
+                return session.keepalive_failed("ping write failed: %s" % (exc.strerror or exc))
+            if sent_at is None:
+                continue  # a business write happened while waiting for the frame boundary
+            try:
+                with gevent.Timeout(self.timeout):
+                    session.pong_event.wait()
+            except gevent.Timeout:
+                return session.keepalive_failed("no pong within %gs" % self.timeout)
+            self.pings_ok += 1
+            session.trace(STAGE_OK, direction=DIRECTION, graceful=True, wrote_downstream=session.wrote_downstream,
+                          rtt_ms=round((self.clock() - sent_at) * 1000.0, 3))

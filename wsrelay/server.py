@@ -1,0 +1,137 @@
+"""The relay server: routes, authentication, the upstream dial before the 101, and one Session per client."""
+
+import json
+import signal
+
+import gevent
+import gevent.event
+from gevent.pywsgi import WSGIServer
+
+from . import auth, upstream
+from .relay import Session
+from .websocket import RelayHandler, error_body, status_line
+
+ROUTES = frozenset(("/v1/responses", "/responses", "/backend-api/codex/responses"))
+
+
+class RelayApp:
+    """The WSGI application (plain HTTP) plus ``accept_websocket`` for upgrades (see :class:`RelayHandler`)."""
+
+    def __init__(self, config, tracer, store=None):
+        self.config = config
+        self.tracer = tracer
+        self.store = store
+        self.keys = auth.KeyRing(config["auth.keys"])
+        self.sessions = set()
+
+    # -- plain HTTP ----------------------------------------------------------------------------------------
+
+    def __call__(self, environ, start_response):
+        path = environ.get("PATH_INFO", "")
+        if path == "/healthz":
+            return _json(start_response, 200, {"status": "ok", "sessions": len(self.sessions)})
+        if path in ROUTES:
+            body = error_body(426, "websocket_required",
+                              "%s is a WebSocket endpoint: connect with an Upgrade: websocket request" % path)
+            start_response(status_line(426), [("Content-Type", "application/json"), ("Upgrade", "websocket"),
+                                              ("Connection", "Upgrade"), ("Content-Length", str(len(body)))])
+            return [body]
+        body = error_body(404, "not_found", "no route for %s" % path[:200])
+        start_response(status_line(404), [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
+        return [body]
+
+    # -- WebSocket -----------------------------------------------------------------------------------------
+
+    def refuse(self, handler, status, code, message, headers=()):
+        self.tracer.emit("handshake_refused", status=status, code=code, path=handler.environ.get("PATH_INFO"),
+                         client=_client(handler))
+        handler.refuse(status, code, message, headers)
+
+    def accept_websocket(self, handler):
+        environ = handler.environ
+        path = environ.get("PATH_INFO", "")
+        if path not in ROUTES:
+            return self.refuse(handler, 404, "not_found", "no WebSocket route for %s" % path[:200])
+        client_authorization = environ.get("HTTP_AUTHORIZATION")
+        token = auth.bearer_token(client_authorization)
+        if self.keys.enabled:
+            if not self.keys.check(token):
+                message = ("missing relay key: send Authorization: Bearer <key>" if token is None
+                           else "invalid relay key")
+                return self.refuse(handler, 401, "invalid_api_key", message, [("WWW-Authenticate", "Bearer")])
+            credential = self.config.upstream_api_key()
+            if not credential:
+                return self.refuse(handler, 503, "upstream_credential_missing",
+                                   "the relay has no upstream credential configured")
+            authorization = "Bearer " + credential
+        else:
+            authorization = client_authorization  # passthrough: the client's own credential goes upstream
+        key_id = auth.key_id(token) if token else None
+        ws = "gateway.openai_ws."
+        try:
+            up = upstream.dial(self.config["upstream.url"], upstream.select_headers(environ),
+                               authorization=authorization,
+                               subprotocols=_tokens(environ.get("HTTP_SEC_WEBSOCKET_PROTOCOL")),
+                               timeout=self.config["upstream.connect_timeout_seconds"],
+                               ca_file=self.config["upstream.ca_file"],
+                               write_timeout=self.config[ws + "write_timeout_seconds"])
+        except upstream.DialError as exc:
+            self.tracer.emit("dial_failed", status=exc.status, code=exc.code, error=exc.message, key_id=key_id)
+            headers = [("Retry-After", exc.retry_after)] if exc.retry_after else []
+            return self.refuse(handler, exc.status, exc.code, exc.message, headers)
+        self.tracer.emit("dial_ok", key_id=key_id, dial_ms=round(up.dial_ms, 2), client=_client(handler))
+        if not handler.switch_protocols(up.returned_headers(), up.subprotocol):
+            up.sock.close()
+            return
+        sock, initial = handler.take_over()
+        sock.settimeout(self.config[ws + "write_timeout_seconds"])
+        session = Session(sock, up.sock, self.config, self.tracer, self.store, key_id=key_id, initial=initial)
+        self.sessions.add(session)
+        try:
+            session.run()
+        finally:
+            self.sessions.discard(session)
+
+
+def _json(start_response, status, payload):
+    body = json.dumps(payload).encode("utf-8")
+    start_response(status_line(status) if status != 200 else "200 OK",
+                   [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
+    return [body]
+
+
+def _tokens(value):
+    return [t.strip() for t in (value or "").split(",") if t.strip()]
+
+
+def _client(handler):
+    address = handler.client_address
+    return "%s:%s" % address[:2] if isinstance(address, tuple) else str(address)
+
+
+def make_server(config, tracer, store=None, listener=None):
+    """A ready (not yet started) server; ``listener`` overrides ``server.host``/``server.port``."""
+    app = RelayApp(config, tracer, store)
+    address = listener or (config["server.host"], config["server.port"])
+    server = WSGIServer(address, app, handler_class=RelayHandler, log=None, backlog=config["server.backlog"])
+    server.app = app
+    return server
+
+
+def serve(config, tracer, store):
+    """Run until SIGTERM or SIGINT: stop accepting, let live sessions end, flush the usage store."""
+    server = make_server(config, tracer, store)
+    server.start()
+    host, port = server.address[:2]
+    tracer.emit("server_listening", host=host, port=port, upstream=config["upstream.url"],
+                auth="keys" if server.app.keys.enabled else "passthrough")
+    stop = gevent.event.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        gevent.signal_handler(signum, stop.set)
+    stop.wait()
+    tracer.emit("server_stopping", sessions=len(server.app.sessions))
+    server.stop(timeout=config["gateway.openai_ws.close_timeout_seconds"])
+    if store is not None:
+        store.close()
+    tracer.emit("server_stopped")
+    return 0

@@ -1,0 +1,441 @@
+"""The frame-aware splice between one client and its upstream WebSocket: the two pumps and their plumbing.
+
+Masked client frames are valid as they are towards the upstream (the relay is a client there) and unmasked
+upstream frames are valid towards the client, so each pump receives into a buffer, walks the frame *headers* and
+forwards the bytes verbatim.  Payloads are never unmasked, re-masked or re-encoded; the relay looks only at
+control frames, at a short prefix of client text messages (to see a turn start) and at upstream text messages
+that may be terminal events (to bill the turn).
+
+Each pump reports how its side ended as an :class:`Exit` value (the first one wins); :mod:`wsrelay.relay`
+settles the session from there.
+"""
+
+import re
+import socket
+import time
+import uuid
+from dataclasses import dataclass
+
+import gevent
+from gevent.event import Event
+from gevent.lock import Semaphore
+
+from . import frames, usage
+from .frames import OP_BINARY, OP_CLOSE, OP_CONTINUATION, OP_PING, OP_PONG, OP_TEXT, ProtocolError
+from .keepalive import Keepalive, PingUnsupported
+
+CLIENT_TO_UPSTREAM = "client_to_upstream"
+UPSTREAM_TO_CLIENT = "upstream_to_client"
+KEEPALIVE = "downstream_keepalive"
+
+BUFFER_SIZE = 16 * 1024
+SNIFF_CLIENT_BYTES = 256
+SNIFF_UPSTREAM_BYTES = 96
+
+
+@dataclass(frozen=True)
+class Exit:
+    """How a session's first side ended.  ``side`` is the connection that ended: ``client`` or ``upstream``."""
+
+    stage: str
+    direction: str
+    side: str
+    graceful: bool
+    error: str = None
+    close_code: int = None
+    close_reason: str = ""
+    close_forwarded: bool = False
+
+
+class _UpstreamMessage:
+    """Collects an upstream text message just far enough to know whether it may be a terminal event."""
+
+    __slots__ = ("data", "copying", "limit")
+
+    def __init__(self, limit):
+        self.data = bytearray()
+        self.copying = False
+        self.limit = limit
+
+    def feed(self, chunk):
+        """Returns False once the message is known to be uninteresting (the caller drops it)."""
+        self.data += chunk
+        if not self.copying and len(self.data) >= SNIFF_UPSTREAM_BYTES:
+            if not usage.may_be_terminal(bytes(self.data[:SNIFF_UPSTREAM_BYTES])):
+                return False
+            self.copying = True
+        return len(self.data) <= self.limit
+
+    def finish(self):
+        if self.copying or usage.may_be_terminal(bytes(self.data)):
+            return bytes(self.data)
+        return None
+
+
+class Splice:
+    """Per-connection state shared by the pumps, the keepalive and the session life cycle."""
+
+    def __init__(self, down_sock, up_sock, config, tracer, store=None, key_id=None, initial=b"",
+                 session_id=None, ping_supported=True):
+        self.id = session_id or uuid.uuid4().hex[:12]
+        self.down_sock = down_sock
+        self.up_sock = up_sock
+        self.tracer = tracer
+        self.store = store
+        self.key_id = key_id
+        self.initial = initial
+        self.ping_supported = ping_supported
+        ws = "gateway.openai_ws."
+        self.ping_interval = config[ws + "passthrough_downstream_ping_interval_seconds"]
+        self.ping_timeout = config[ws + "passthrough_downstream_ping_timeout_seconds"]
+        self.drain_timeout = config[ws + "upstream_drain_timeout_seconds"]
+        self.read_limit = config[ws + "client_read_limit_bytes"]
+        self.close_timeout = config[ws + "close_timeout_seconds"]
+        self.max_event_bytes = config["usage.max_event_bytes"]
+        self.ledger = usage.TurnLedger(self.id, key_id)
+
+        self.downstream_open = True
+        self.upstream_open = True
+        self.draining = False
+        self.wrote_downstream = False
+        self.first_business_write = Event()
+        self.last_downstream_write = time.monotonic()
+        self.pong_event = Event()
+        self.expected_pong = None
+        self._down_lock = Semaphore()
+        self._down_locked = False  # held by the upstream pump while a frame is half forwarded
+        self._up_mid_frame = False
+        self._exit = None
+        self._exit_event = Event()
+        self._drain_done = Event()
+        self.bytes_to_upstream = 0
+        self.bytes_to_client = 0
+
+    # -- shared plumbing -----------------------------------------------------------------------------------
+
+    def trace(self, stage, **fields):
+        self.tracer.emit(stage, session=self.id, **fields)
+
+    def _report(self, exit_):
+        """Record how a side ended (the first report wins) and stop using a connection that is broken."""
+        if self._exit is None:
+            self._exit = exit_
+            self._exit_event.set()
+        if exit_.side == "client":
+            self.downstream_open = False
+        elif exit_.stage != "upstream_close":
+            self.upstream_open = False  # after a close frame the upstream still expects our close in reply
+        return exit_
+
+    def _record(self, records):
+        for record in records:
+            self.trace("usage_recorded", response_id=record.response_id, model=record.model,
+                       terminal_event=record.terminal_event, input_tokens=record.input_tokens,
+                       output_tokens=record.output_tokens, total_tokens=record.total_tokens,
+                       client_disconnected=record.client_disconnected)
+            if self.store is not None:
+                self.store.put(record)
+
+    def _send_down(self, data, mid_frame, business):
+        """Write forwarded bytes to the client; holds the write lock across a half-forwarded frame."""
+        if not self.downstream_open:
+            if self._down_locked:
+                self._down_locked = False
+                self._down_lock.release()
+            return
+        if not self._down_locked:
+            self._down_lock.acquire()
+            self._down_locked = True
+        try:
+            self.down_sock.sendall(data)
+        except (OSError, socket.timeout) as exc:
+            self._down_locked = False
+            self._down_lock.release()
+            self._report(Exit("client_write_failed", UPSTREAM_TO_CLIENT, "client", True, error=_describe(exc)))
+            return
+        self.bytes_to_client += len(data)
+        self.last_downstream_write = time.monotonic()
+        if business and not self.wrote_downstream:
+            self.wrote_downstream = True
+            self.first_business_write.set()
+        if not mid_frame:
+            self._down_locked = False
+            self._down_lock.release()
+
+    def _send_down_control(self, frame):
+        """Write a frame of the relay's own to the client, at a frame boundary; False if that is impossible."""
+        if self._down_locked:
+            return False  # a forwarded frame is half written; nothing may follow it but its own bytes
+        with self._down_lock:
+            try:
+                self.down_sock.sendall(frame)
+            except (OSError, socket.timeout):
+                return False
+        return True
+
+    def send_ping(self, payload, interval):
+        """Write a Ping at a frame boundary; returns its send time, or None if a write made it unnecessary."""
+        if not self.ping_supported:
+            raise PingUnsupported()
+        with self._down_lock:
+            if not self.downstream_open:
+                raise OSError("client already gone")
+            if time.monotonic() - self.last_downstream_write < interval:
+                return None
+            self.down_sock.sendall(frames.build_frame(OP_PING, payload))
+            self.last_downstream_write = sent_at = time.monotonic()
+        return sent_at
+
+    def keepalive_failed(self, error):
+        self.trace("downstream_ping_failed", direction=KEEPALIVE, graceful=True,
+                   wrote_downstream=self.wrote_downstream, error=error)
+        return self._report(Exit("downstream_ping_failed", KEEPALIVE, "client", True, error=error))
+
+    def _send_up(self, data, mid_frame=False):
+        if not self.upstream_open:
+            return True
+        try:
+            self.up_sock.sendall(data)
+        except (OSError, socket.timeout) as exc:
+            self._report(Exit("upstream_write_failed", CLIENT_TO_UPSTREAM, "upstream", False, error=_describe(exc)))
+            return False
+        self.bytes_to_upstream += len(data)
+        self._up_mid_frame = mid_frame
+        return True
+
+    # -- upstream -> client --------------------------------------------------------------------------------
+
+    def _pump_upstream(self):
+        try:
+            return self._splice_upstream()
+        finally:
+            self._drain_done.set()
+
+    def _splice_upstream(self):
+        sock = self.up_sock
+        buf = bytearray(BUFFER_SIZE)
+        view = memoryview(buf)
+        end = 0
+        remaining = 0          # payload bytes of the current data frame still to come
+        frame_fin = True
+        in_message = False     # a fragmented data message is open
+        message = None         # _UpstreamMessage being examined, if any
+        while True:
+            try:
+                n = sock.recv_into(view[end:])
+            except socket.timeout:
+                continue
+            except OSError as exc:
+                return self._report(Exit("upstream_reset", UPSTREAM_TO_CLIENT, "upstream", False,
+                                         error=_describe(exc)))
+            if not n:
+                return self._report(Exit("upstream_eof", UPSTREAM_TO_CLIENT, "upstream", False,
+                                         error="upstream closed the connection without a close frame"))
+            end += n
+            pos = 0
+            flush_from = 0
+            business = False
+            finished = []
+            while pos < end:
+                if remaining:
+                    take = min(remaining, end - pos)
+                    if message is not None and not message.feed(view[pos:pos + take]):
+                        message = None
+                    pos += take
+                    remaining -= take
+                    if not remaining and frame_fin and message is not None:
+                        finished.append(message.finish())
+                        message = None
+                    continue
+                header = frames.parse_header(buf, pos, end)
+                if header is None:
+                    break
+                fin, rsv, opcode, mask_key, length, header_length = header
+                try:
+                    frames.check_header(rsv, opcode, fin, length, mask_key, expect_masked=False)
+                    in_message = _check_sequence(opcode, fin, in_message)
+                except ProtocolError as exc:
+                    self._send_down(view[flush_from:pos], False, business)
+                    return self._report(Exit("upstream_protocol_error", UPSTREAM_TO_CLIENT, "upstream", False,
+                                             error=exc.reason, close_code=exc.code))
+                if opcode >= OP_CLOSE:
+                    frame_end = pos + header_length + length
+                    if frame_end > end:
+                        break
+                    if opcode == OP_CLOSE:
+                        forwarded = self.downstream_open
+                        self._send_down(view[flush_from:frame_end], False, business)
+                        try:
+                            code, reason = frames.parse_close(view[pos + header_length:frame_end])
+                        except ProtocolError:
+                            code, reason = None, ""
+                        return self._report(Exit("upstream_close", UPSTREAM_TO_CLIENT, "upstream", True,
+                                                 close_code=code, close_reason=reason, close_forwarded=forwarded))
+                    if opcode == OP_PING and not self.downstream_open:
+                        # Nobody downstream answers now; answer for the client so the drain is not cut short.
+                        self._send_up(frames.build_frame(OP_PONG, view[pos + header_length:frame_end], mask=True))
+                    pos = frame_end
+                    continue
+                business = True
+                if opcode != OP_CONTINUATION:
+                    message = _UpstreamMessage(self.max_event_bytes) if opcode == OP_TEXT else None
+                frame_fin = fin
+                pos += header_length
+                remaining = length
+                if not remaining and fin and message is not None:
+                    finished.append(message.finish())
+                    message = None
+            if flush_from < pos:
+                self._send_down(view[flush_from:pos], remaining > 0, business)
+            end = _compact(buf, pos, end)
+            for payload in finished:
+                if payload is not None:
+                    self._on_upstream_event(payload)
+            if self.draining and not self.ledger.in_flight:
+                self._drain_done.set()
+
+    def _on_upstream_event(self, payload):
+        event = usage.parse_event(payload)
+        if event is None:
+            return
+        self._record(self.ledger.on_event(event, client_disconnected=not self.downstream_open))
+
+    # -- client -> upstream --------------------------------------------------------------------------------
+
+    def _pump_downstream(self):
+        sock = self.down_sock
+        buf = bytearray(max(BUFFER_SIZE, len(self.initial)))
+        view = memoryview(buf)
+        end = len(self.initial)
+        buf[:end] = self.initial
+        self.initial = b""
+        walk_first = end > 0   # bytes read along with the handshake come before anything on the socket
+        remaining = 0
+        in_message = False
+        message_size = 0
+        sniff = None           # [mask_key, masked prefix, bytes wanted, message longer than that]
+        while True:
+            if not walk_first:
+                try:
+                    n = sock.recv_into(view[end:])
+                except socket.timeout:
+                    continue
+                except OSError as exc:
+                    return self._report(Exit("client_reset", CLIENT_TO_UPSTREAM, "client", True,
+                                             error=_describe(exc)))
+                if not n:
+                    return self._report(Exit("client_eof", CLIENT_TO_UPSTREAM, "client", True,
+                                             error="client closed the connection without a close frame"))
+                end += n
+            walk_first = False
+            pos = 0
+            flush_from = 0
+            while pos < end:
+                if remaining:
+                    take = min(remaining, end - pos)
+                    if sniff is not None:
+                        sniff[1] += view[pos:pos + min(take, sniff[2] - len(sniff[1]))]
+                        if len(sniff[1]) >= sniff[2]:
+                            self._on_client_prefix(*sniff)
+                            sniff = None
+                    pos += take
+                    remaining -= take
+                    continue
+                header = frames.parse_header(buf, pos, end)
+                if header is None:
+                    break
+                fin, rsv, opcode, mask_key, length, header_length = header
+                try:
+                    frames.check_header(rsv, opcode, fin, length, mask_key, expect_masked=True)
+                    in_message = _check_sequence(opcode, fin, in_message)
+                    if opcode < OP_CLOSE:
+                        message_size = length if opcode != OP_CONTINUATION else message_size + length
+                        if message_size > self.read_limit:
+                            raise ProtocolError("message of %d bytes is over the %d-byte limit"
+                                                % (message_size, self.read_limit), frames.CLOSE_MESSAGE_TOO_BIG)
+                except ProtocolError as exc:
+                    self._send_up(view[flush_from:pos])
+                    stage = ("client_message_too_big" if exc.code == frames.CLOSE_MESSAGE_TOO_BIG
+                             else "client_protocol_error")
+                    return self._report(Exit(stage, CLIENT_TO_UPSTREAM, "client", False, error=exc.reason,
+                                             close_code=exc.code, close_reason=exc.reason))
+                if opcode >= OP_CLOSE:
+                    frame_end = pos + header_length + length
+                    if frame_end > end:
+                        break
+                    if opcode == OP_PING:
+                        pos = frame_end
+                        continue
+                    payload = frames.unmask(view[pos + header_length:frame_end], mask_key)
+                    if opcode == OP_PONG:
+                        if payload == self.expected_pong:
+                            # The answer to the relay's own Ping: consumed here, the upstream never asked.
+                            if not self._send_up(view[flush_from:pos]):
+                                return self._exit
+                            flush_from = frame_end
+                            self.expected_pong = None
+                            self.pong_event.set()
+                        pos = frame_end
+                        continue
+                    try:
+                        code, reason = frames.parse_close(payload)
+                    except ProtocolError as exc:
+                        self._send_up(view[flush_from:pos])
+                        return self._report(Exit("client_protocol_error", CLIENT_TO_UPSTREAM, "client", False,
+                                                 error=exc.reason, close_code=exc.code, close_reason=exc.reason))
+                    # Mid-turn the close is held: forwarding it could end the turn upstream before it is billed.
+                    forward = not self.ledger.in_flight
+                    self._send_up(view[flush_from:frame_end if forward else pos])
+                    return self._report(Exit("client_close", CLIENT_TO_UPSTREAM, "client", True,
+                                             close_code=code, close_reason=reason, close_forwarded=forward))
+                if opcode == OP_TEXT and length:
+                    wanted = min(length, SNIFF_CLIENT_BYTES)
+                    sniff = [mask_key, bytearray(), wanted, length > wanted or not fin]
+                pos += header_length
+                remaining = length
+            if flush_from < pos and not self._send_up(view[flush_from:pos], remaining > 0):
+                return self._exit
+            end = _compact(buf, pos, end)
+
+    def _on_client_prefix(self, mask_key, masked, wanted, longer):
+        prefix = frames.unmask(bytes(masked), mask_key)
+        if b'"response.create"' in prefix or (longer and b'"type"' not in prefix):
+            model = model_hint(prefix)
+            self._record(self.ledger.start_turn(model))
+            self.trace("turn_start", direction=CLIENT_TO_UPSTREAM, model=model)
+
+
+def _check_sequence(opcode, fin, in_message):
+    """Fragmentation rules (RFC 6455 5.4); returns whether a fragmented data message is open afterwards."""
+    if opcode == OP_CONTINUATION:
+        if not in_message:
+            raise ProtocolError("continuation frame without a message to continue")
+        return not fin
+    if opcode in (OP_TEXT, OP_BINARY):
+        if in_message:
+            raise ProtocolError("new data message before the previous one finished")
+        return not fin
+    return in_message
+
+
+def _compact(buf, pos, end):
+    """Move the unconsumed tail (a partial header or control frame, never payload) to the front."""
+    leftover = end - pos
+    if leftover and pos:
+        buf[:leftover] = buf[pos:end]
+    return leftover
+
+
+_MODEL = re.compile(rb'"model"\s*:\s*"([^"\\]{1,128})"')
+
+
+def model_hint(prefix):
+    """The request's model when it shows in the first bytes of a ``response.create`` (a fallback for billing)."""
+    match = _MODEL.search(prefix)
+    return match.group(1).decode("utf-8", "replace") if match else None
+
+
+def _describe(exc):
+    if isinstance(exc, socket.timeout):
+        return "write timed out"
+    return exc.strerror or str(exc) or exc.__class__.__name__

@@ -1,0 +1,107 @@
+"""Structured trace lines: one ``key=value`` line per life-cycle stage.
+
+``ts=2026-11-26T06:41:30.123Z stage=downstream_ping_ok session=3f2a direction=downstream_keepalive graceful=true``
+
+Values are written bare when they are simple tokens and JSON-quoted otherwise, so a line always splits back into
+its fields (:func:`parse_line`).  Callers never pass secrets; :func:`redact_headers` exists for the places that
+must describe a request.
+"""
+
+import json
+import sys
+import threading
+import time
+
+SECRET_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie", "set-cookie", "x-api-key",
+                            "api-key", "openai-api-key"})
+_BARE_OK = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-.:/@+")
+
+
+def _format_value(value):
+    if value is True:
+        return "true"
+    if value is False:
+        return "false"
+    if value is None:
+        return "null"
+    if isinstance(value, float):
+        value = "%.6g" % value
+    text = str(value)
+    if text and all(c in _BARE_OK for c in text):
+        return text
+    return json.dumps(text)
+
+
+def format_line(stage, fields, now=None):
+    now = time.time() if now is None else now
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + ".%03dZ" % int((now % 1) * 1000)
+    parts = ["ts=" + stamp, "stage=" + _format_value(stage)]
+    parts.extend("%s=%s" % (key, _format_value(value)) for key, value in fields.items())
+    return " ".join(parts)
+
+
+def parse_line(line):
+    """Split a trace line back into a dict of strings (the inverse of :func:`format_line`)."""
+    out, i, n = {}, 0, len(line)
+    while i < n:
+        while i < n and line[i] == " ":
+            i += 1
+        eq = line.find("=", i)
+        if eq < 0:
+            break
+        key = line[i:eq]
+        i = eq + 1
+        if i < n and line[i] == '"':
+            decoder = json.JSONDecoder()
+            value, end = decoder.raw_decode(line, i)
+            i = end
+        else:
+            end = line.find(" ", i)
+            end = n if end < 0 else end
+            value, i = line[i:end], end
+        out[key] = value
+    return out
+
+
+def redact_headers(headers):
+    """``headers`` as a list of (name, value) with every credential-bearing value replaced."""
+    return [(k, "[redacted]" if k.lower() in SECRET_HEADERS else v) for k, v in headers]
+
+
+class Tracer:
+    """Writes trace lines to a stream (standard error by default) or appends them to ``path``."""
+
+    def __init__(self, stream=None, path=None):
+        self._path = path
+        self._stream = open(path, "a", encoding="utf-8", buffering=1) if path else (stream or sys.stderr)
+        self._lock = threading.Lock()
+        self.listeners = []
+
+    def emit(self, stage, **fields):
+        line = format_line(stage, fields)
+        for listener in self.listeners:
+            listener(stage, fields)
+        with self._lock:
+            try:
+                self._stream.write(line + "\n")
+                self._stream.flush()
+            except (OSError, ValueError):
+                pass  # a closed or broken trace stream must never take a session down
+
+    def close(self):
+        if self._path:
+            self._stream.close()
+
+
+class NullTracer(Tracer):
+    """A tracer that keeps nothing (tests and library use)."""
+
+    def __init__(self):
+        self.listeners = []
+
+    def emit(self, stage, **fields):
+        for listener in self.listeners:
+            listener(stage, fields)
+
+    def close(self):
+        pass

@@ -1,0 +1,163 @@
+"""Dialing the upstream Responses WebSocket with websocket-client, before the client gets its 101.
+
+This module owns every websocket-client quirk the relay meets (see DEPENDENCIES in the docs):
+the global cookie jar is replaced by one that keeps nothing, ``Origin`` is suppressed, redirects are not
+followed (they could carry the operator's credential to another host), the handshake is bounded as a whole,
+and every failure becomes a :class:`DialError` carrying the HTTP status the client should see.
+"""
+
+import socket
+import ssl
+import time
+
+import gevent
+import websocket
+from websocket import _handshake
+
+# Headers a client may pass on; everything else (hop-by-hop, Origin, Cookie, Host, Sec-WebSocket-*) stays here.
+FORWARDED_HEADERS = frozenset(h.lower() for h in (
+    "OpenAI-Beta", "originator", "User-Agent", "session-id", "thread-id", "x-client-request-id",
+    "chatgpt-account-id", "OpenAI-Organization", "OpenAI-Project", "version", "accept-language"))
+FORWARDED_PREFIXES = ("x-codex-",)
+# Upstream response headers the client reads from the 101.
+RETURNED_HEADERS = ("x-codex-turn-state", "x-models-etag", "x-reasoning-included", "openai-model", "x-request-id")
+
+
+class _NoCookieJar:
+    """websocket-client keeps one module-global cookie jar and replays an upstream's ``Set-Cookie`` on later
+    connections — made here for *other* users.  A multi-tenant relay must remember nothing."""
+
+    def add(self, set_cookie):
+        pass
+
+    def set(self, set_cookie):
+        pass
+
+    def get(self, host):
+        return ""
+
+
+def disable_cookie_jar():
+    _handshake.CookieJar = _NoCookieJar()
+
+
+disable_cookie_jar()
+
+
+class DialError(Exception):
+    """The upstream handshake failed; ``status`` is the HTTP status for the client, ``code`` an error code."""
+
+    def __init__(self, status, code, message, retry_after=None):
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.retry_after = retry_after
+
+
+class Upstream:
+    """An open upstream WebSocket: its socket (plain or TLS) and what its handshake answered."""
+
+    def __init__(self, sock, headers, subprotocol, dial_ms):
+        self.sock = sock
+        self.headers = headers
+        self.subprotocol = subprotocol
+        self.dial_ms = dial_ms
+
+    def returned_headers(self):
+        """The upstream response headers to repeat on the client's 101."""
+        out = []
+        for name in RETURNED_HEADERS:
+            value = self.headers.get(name)
+            if value:
+                out.append((name, value))
+        return out
+
+
+def select_headers(environ):
+    """Client request headers (from a WSGI environ) that the upstream may see, as ``[(name, value)]``."""
+    out = []
+    for key, value in environ.items():
+        if not key.startswith("HTTP_"):
+            continue
+        name = key[5:].replace("_", "-").lower()
+        if name in FORWARDED_HEADERS or name.startswith(FORWARDED_PREFIXES):
+            out.append((name, value))
+    return out
+
+
+def _header_line(name, value):
+    if "\r" in value or "\n" in value:
+        raise DialError(400, "invalid_header", "header %s contains a line break" % name)
+    return "%s: %s" % (name, value)
+
+
+def dial(url, headers, authorization=None, subprotocols=None, timeout=10.0, ca_file=None, write_timeout=60.0):
+    """Open the upstream WebSocket.  ``headers`` are already filtered; ``authorization`` is the full header value.
+
+    Returns an :class:`Upstream`; raises :class:`DialError`.  Runs in the calling greenlet; the whole handshake,
+    DNS and TLS included, is bounded by ``timeout``.
+    """
+    lines = [_header_line(n, v) for n, v in headers]
+    if authorization:
+        lines.append(_header_line("Authorization", authorization))
+    sslopt = {"cert_reqs": ssl.CERT_REQUIRED}
+    if ca_file:
+        sslopt["ca_certs"] = ca_file
+    started = time.monotonic()
+    ws = None
+    try:
+        with gevent.Timeout(timeout):
+            ws = websocket.create_connection(
+                url, timeout=timeout, header=lines, subprotocols=subprotocols or None,
+                suppress_origin=True, skip_utf8_validation=True, enable_multithread=False,
+                redirect_limit=0, sslopt=sslopt)
+    except gevent.Timeout:
+        _abandon(ws)
+        raise DialError(504, "upstream_timeout", "upstream did not complete the WebSocket handshake in %gs" % timeout)
+    except websocket.WebSocketBadStatusException as exc:
+        raise _status_error(exc.status_code, exc.resp_headers or {})
+    except (websocket.WebSocketTimeoutException, socket.timeout):
+        raise DialError(504, "upstream_timeout", "upstream did not complete the WebSocket handshake in %gs" % timeout)
+    except ssl.SSLError as exc:
+        raise DialError(502, "upstream_tls_error", "TLS with the upstream failed: %s" % (exc.reason or exc))
+    except websocket.WebSocketAddressException:
+        raise DialError(502, "upstream_unreachable", "upstream host name did not resolve")
+    except ConnectionRefusedError:
+        raise DialError(502, "upstream_unreachable", "upstream refused the connection")
+    except (OSError, websocket.WebSocketException) as exc:
+        raise DialError(502, "upstream_unreachable", "upstream connection failed: %s" % _describe(exc))
+    status = ws.getstatus()
+    if status != 101:
+        # Only a redirect gets here (redirects are not followed).
+        _abandon(ws)
+        raise DialError(502, "upstream_redirect", "upstream answered the handshake with %s" % status)
+    if subprotocols and ws.subprotocol and ws.subprotocol not in subprotocols:
+        _abandon(ws)
+        raise DialError(502, "upstream_bad_subprotocol", "upstream chose a subprotocol the client did not offer")
+    sock = ws.sock
+    sock.settimeout(write_timeout)
+    ws.sock = None  # the relay owns the socket now; the library object must never touch it again
+    return Upstream(sock, ws.getheaders() or {}, ws.subprotocol, (time.monotonic() - started) * 1000.0)
+
+
+def _status_error(status, headers):
+    if status in (401, 403):
+        return DialError(status, "upstream_auth_failed", "upstream refused the credential (HTTP %d)" % status)
+    if status == 429:
+        return DialError(429, "rate_limit_exceeded", "upstream rate limit reached (HTTP 429)",
+                         retry_after=headers.get("retry-after"))
+    return DialError(502, "upstream_handshake_refused", "upstream refused the WebSocket handshake (HTTP %d)" % status)
+
+
+def _describe(exc):
+    text = str(exc) or exc.__class__.__name__
+    return text.split(" -+-+- ")[0][:200]
+
+
+def _abandon(ws):
+    if ws is not None and ws.sock is not None:
+        try:
+            ws.sock.close()
+        except OSError:
+            pass

@@ -1,0 +1,302 @@
+"""Turn upstream Responses events into exactly one usage record per turn.
+
+Pure bookkeeping: no sockets, no gevent.  The relay feeds it the client's ``response.create`` messages
+(:meth:`TurnLedger.start_turn`) and the upstream's terminal events (:meth:`TurnLedger.on_event`), and hands the
+returned :class:`UsageRecord` objects to the store.
+"""
+
+import json
+import math
+import time
+import uuid
+from dataclasses import asdict, dataclass, field, fields
+
+TERMINAL_EVENTS = frozenset({
+    "response.completed",
+    "response.done",
+    "response.failed",
+    "response.incomplete",
+    "response.cancelled",
+    "response.canceled",
+    "error",
+})
+
+RELAY_UPSTREAM_LOST = "wsrelay.upstream_lost"
+RELAY_DRAIN_TIMEOUT = "wsrelay.drain_timeout"
+RELAY_SESSION_CLOSED = "wsrelay.session_closed"
+
+_TYPE_KEY = b'"type"'
+_TERMINAL_QUOTED = frozenset(b'"' + t.encode("ascii") + b'"' for t in TERMINAL_EVENTS)
+_JSON_WS = b" \t\r\n"
+
+
+def may_be_terminal(prefix):
+    """False only when ``prefix`` (the first bytes of a message) proves the message is not a terminal event.
+
+    Runs on every upstream message, so it sticks to a few ``bytes.find`` calls and short slices.
+    """
+    start = prefix.find(b"{")
+    pos = prefix.find(_TYPE_KEY)
+    while pos >= 0:
+        # A "type" behind a nested "{" may belong to an inner object (an output item); the top-level type
+        # is then unknown, and a missed terminal event would lose the turn's usage.
+        if start < 0 or prefix.find(b"{", start + 1, pos) >= 0:
+            return True
+        rest = prefix[pos + len(_TYPE_KEY):].lstrip(_JSON_WS)
+        if not rest:
+            return True
+        if rest[0] != 0x3A:  # not followed by ":" -> it was a string value, not the key
+            pos = prefix.find(_TYPE_KEY, pos + 1)
+            continue
+        rest = rest[1:].lstrip(_JSON_WS)
+        if not rest:
+            return True
+        if rest[0] != 0x22:  # a non-string type is never one of ours
+            return False
+        end = rest.find(b'"', 1)
+        if end < 0:
+            # The value is cut off by the prefix: it may still grow into a terminal type.
+            return any(t.startswith(rest) for t in _TERMINAL_QUOTED)
+        return rest[:end + 1] in _TERMINAL_QUOTED
+    return True
+
+
+def parse_event(payload):
+    """The JSON object in ``payload`` (bytes or str), or None if it is not one."""
+    try:
+        event = json.loads(payload)
+    except (ValueError, TypeError, RecursionError):
+        return None
+    return event if isinstance(event, dict) else None
+
+
+def _count(value):
+    """A token count: a non-negative int, 0 for anything unusable (upstream bugs must not break billing)."""
+    if isinstance(value, bool):
+        return 0
+    if isinstance(value, int):
+        return value if value > 0 else 0
+    if isinstance(value, float) and math.isfinite(value) and value > 0 and value.is_integer():
+        return int(value)
+    return 0
+
+
+def _valid_count(value):
+    return not isinstance(value, bool) and (
+        (isinstance(value, int) and value >= 0)
+        or (isinstance(value, float) and math.isfinite(value) and value >= 0 and value.is_integer()))
+
+
+def _pick(mapping, *names):
+    """The first of ``names`` that holds a usable count (the Responses name wins over its Chat alias)."""
+    for name in names:
+        value = mapping.get(name)
+        if _valid_count(value):
+            return _count(value), True
+    return 0, False
+
+
+def _dict(value):
+    return value if isinstance(value, dict) else {}
+
+
+def _usage_block(event):
+    usage = _dict(event.get("response")).get("usage")
+    if not isinstance(usage, dict):
+        usage = event.get("usage")
+    return usage if isinstance(usage, dict) else None
+
+
+def extract_usage(event):
+    """The normalised token counts of ``event``; every key is present and an int >= 0.
+
+    ``output_tokens`` always includes reasoning tokens and ``total_tokens`` is never missing.
+    """
+    usage = _usage_block(event) if isinstance(event, dict) else None
+    usage = usage or {}
+    input_tokens, _ = _pick(usage, "input_tokens", "prompt_tokens")
+    output_tokens, _ = _pick(usage, "output_tokens", "completion_tokens")
+    total_tokens, has_total = _pick(usage, "total_tokens")
+    in_details = _dict(usage.get("input_tokens_details")) or _dict(usage.get("prompt_tokens_details"))
+    out_details = _dict(usage.get("output_tokens_details")) or _dict(usage.get("completion_tokens_details"))
+    cached_tokens, _ = _pick(in_details, "cached_tokens")
+    reasoning_tokens, _ = _pick(out_details, "reasoning_tokens")
+    image_tokens, _ = _pick(out_details, "image_tokens")
+    # Reasoning is part of output by contract; an upstream that counts it separately shows it only through
+    # a total that exceeds input + output by exactly the reasoning count.
+    if has_total and reasoning_tokens > 0 and total_tokens == input_tokens + output_tokens + reasoning_tokens:
+        output_tokens += reasoning_tokens
+    if not has_total or (total_tokens == 0 and input_tokens + output_tokens > 0):
+        total_tokens = input_tokens + output_tokens
+    return {
+        "input_tokens": input_tokens,
+        "output_tokens": output_tokens,
+        "total_tokens": total_tokens,
+        "cached_tokens": cached_tokens,
+        "reasoning_tokens": reasoning_tokens,
+        "image_tokens": image_tokens,
+    }
+
+
+_TOKEN_FIELDS = ("input_tokens", "output_tokens", "total_tokens", "cached_tokens", "reasoning_tokens",
+                 "image_tokens")
+
+
+def _new_id():
+    return uuid.uuid4().hex
+
+
+@dataclass
+class UsageRecord:
+    record_id: str = field(default_factory=_new_id)
+    session_id: str = ""
+    response_id: str = None
+    model: str = None
+    key_id: str = None
+    input_tokens: int = 0
+    output_tokens: int = 0
+    total_tokens: int = 0
+    cached_tokens: int = 0
+    reasoning_tokens: int = 0
+    image_tokens: int = 0
+    terminal_event: str = ""
+    client_disconnected: bool = False
+    started_at: float = 0.0
+    duration_ms: int = 0
+
+    def to_dict(self):
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d):
+        """Rebuild a record, coercing types so a hand-edited or older fallback line still imports."""
+        known = {f.name for f in fields(cls)}
+        data = {k: v for k, v in dict(d).items() if k in known}
+        for name in _TOKEN_FIELDS + ("duration_ms",):
+            if name in data:
+                data[name] = _count(data[name])
+        for name in ("response_id", "model", "key_id"):
+            if data.get(name) is not None:
+                data[name] = str(data[name])
+        if not data.get("record_id"):
+            data["record_id"] = _new_id()
+        data["record_id"] = str(data["record_id"])
+        data["session_id"] = str(data.get("session_id") or "")
+        data["terminal_event"] = str(data.get("terminal_event") or "")
+        data["client_disconnected"] = bool(data.get("client_disconnected", False))
+        try:
+            data["started_at"] = float(data.get("started_at") or 0.0)
+        except (TypeError, ValueError):
+            data["started_at"] = 0.0
+        return cls(**data)
+
+
+class _Turn:
+    __slots__ = ("started_at", "model_hint")
+
+    def __init__(self, started_at, model_hint):
+        self.started_at = started_at
+        self.model_hint = model_hint
+
+
+def _response_field(event, name):
+    value = _dict(event.get("response")).get(name)
+    return value if isinstance(value, str) and value else None
+
+
+class TurnLedger:
+    """Per-session turn accounting."""
+
+    def __init__(self, session_id, key_id=None, clock=time.time):
+        self.session_id = session_id
+        self.key_id = key_id
+        self._clock = clock
+        self._turn = None
+        self._pending_error = None
+
+    @property
+    def in_flight(self):
+        return self._turn is not None
+
+    def start_turn(self, model_hint=None):
+        out = self._flush_pending()
+        if self._turn is None:
+            self._turn = _Turn(self._clock(), model_hint)
+        elif self._turn.model_hint is None:
+            # A pipelined create joins the turn in flight; it can still tell us the model.
+            self._turn.model_hint = model_hint
+        return out
+
+    def on_event(self, event, client_disconnected=False):
+        if not isinstance(event, dict):
+            return []
+        kind = event.get("type")
+        if not isinstance(kind, str) or kind not in TERMINAL_EVENTS:
+            return []
+        now = self._clock()
+        if kind == "response.failed" and self._pending_error is not None:
+            return [self._merge_failed(event, client_disconnected, now)]
+        out = self._flush_pending()
+        record = self._settle(event, kind, client_disconnected, now)
+        if kind == "error":
+            # The upstream may follow with response.failed for the same turn; hold the record so the turn is
+            # billed once.
+            self._pending_error = record
+        else:
+            out.append(record)
+        return out
+
+    def abandon(self, terminal_event, client_disconnected):
+        out = self._flush_pending()
+        turn, self._turn = self._turn, None
+        if turn is not None:
+            now = self._clock()
+            out.append(UsageRecord(
+                session_id=self.session_id, response_id=None, model=turn.model_hint, key_id=self.key_id,
+                terminal_event=terminal_event, client_disconnected=bool(client_disconnected),
+                started_at=turn.started_at, duration_ms=_elapsed_ms(turn.started_at, now)))
+        return out
+
+    def close(self):
+        # A turn still in flight here would otherwise vanish from the books; the relay normally calls
+        # abandon() first with a precise reason.
+        return self.abandon(RELAY_SESSION_CLOSED, False)
+
+    def _flush_pending(self):
+        record, self._pending_error = self._pending_error, None
+        return [record] if record is not None else []
+
+    def _settle(self, event, kind, client_disconnected, now):
+        turn, self._turn = self._turn, None
+        started = turn.started_at if turn is not None else now
+        hint = turn.model_hint if turn is not None else None
+        return UsageRecord(
+            session_id=self.session_id,
+            response_id=_response_field(event, "id"),
+            model=_response_field(event, "model") or hint,
+            key_id=self.key_id,
+            terminal_event=kind,
+            client_disconnected=bool(client_disconnected),
+            started_at=started,
+            duration_ms=_elapsed_ms(started, now),
+            **extract_usage(event))
+
+    def _merge_failed(self, event, client_disconnected, now):
+        record, self._pending_error = self._pending_error, None
+        record.terminal_event = "response.failed"
+        record.response_id = _response_field(event, "id") or record.response_id
+        record.model = _response_field(event, "model") or record.model
+        record.client_disconnected = bool(client_disconnected)
+        record.duration_ms = _elapsed_ms(record.started_at, now)
+        usage = extract_usage(event)
+        if any(usage.values()):
+            for name, value in usage.items():
+                setattr(record, name, value)
+        return record
+
+
+def _elapsed_ms(started, now):
+    try:
+        return max(0, int(round((now - started) * 1000)))
+    except (TypeError, ValueError, OverflowError):
+        return 0

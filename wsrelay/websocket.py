@@ -1,0 +1,151 @@
+"""The only module that knows gevent-websocket's internals.
+
+gevent-websocket 0.10.1 writes the 101 before the application runs (so nothing can be refused after looking at
+the request), answers a non-base64 ``Sec-WebSocket-Key`` with a 500 and HTTP/1.0 with "402 Bad Request", sends
+error bodies as ``str`` (gevent then drops them), matches subprotocols as substrings and mangles close frames on
+Python 3.  :class:`RelayHandler` keeps its server plumbing and replaces the handshake: the request is validated
+here, the application decides (refuse with an HTTP status and a JSON body, or accept), and on acceptance the raw
+socket and any bytes read along with the request are handed over — the relay speaks the frames itself.
+"""
+
+import base64
+import binascii
+import hashlib
+import json
+import socket
+
+from geventwebsocket.handler import WebSocketHandler
+
+GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+SUPPORTED_VERSION = "13"
+
+_REASONS = {400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
+            405: "Method Not Allowed", 426: "Upgrade Required", 429: "Too Many Requests",
+            431: "Request Header Fields Too Large", 500: "Internal Server Error", 502: "Bad Gateway",
+            503: "Service Unavailable", 504: "Gateway Timeout"}
+_TYPES = {401: "authentication_error", 403: "permission_error", 429: "rate_limit_error"}
+
+
+def error_body(status, code, message):
+    """OpenAI's error shape: ``{"error": {"message", "type", "code"}}``."""
+    kind = _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    return json.dumps({"error": {"message": message, "type": kind, "code": code}}).encode("utf-8")
+
+
+def status_line(status):
+    return "%d %s" % (status, _REASONS.get(status, "Error"))
+
+
+def accept_key(key):
+    return base64.b64encode(hashlib.sha1(key.encode("ascii") + GUID).digest()).decode("ascii")
+
+
+def header_tokens(value):
+    return [t.strip() for t in (value or "").split(",") if t.strip()]
+
+
+def negotiate_subprotocol(offered, supported):
+    """The first subprotocol of ``supported`` the client offered, compared as whole tokens (never substrings)."""
+    tokens = header_tokens(offered)
+    for name in supported:
+        if name in tokens:
+            return name
+    return None
+
+
+def is_upgrade_request(environ):
+    return "websocket" in [t.lower() for t in header_tokens(environ.get("HTTP_UPGRADE"))]
+
+
+def check_handshake(environ, request_version):
+    """Problems with a WebSocket upgrade request as ``(status, code, message, headers)``, or None if it is valid."""
+    if environ.get("REQUEST_METHOD") != "GET":
+        return 405, "method_not_allowed", "a WebSocket handshake must use GET", [("Allow", "GET")]
+    if request_version != "HTTP/1.1":
+        return 400, "bad_http_version", "a WebSocket handshake needs HTTP/1.1, got %s" % request_version, []
+    if "upgrade" not in [t.lower() for t in header_tokens(environ.get("HTTP_CONNECTION"))]:
+        return 400, "bad_handshake", "the Connection header must include Upgrade", []
+    version = environ.get("HTTP_SEC_WEBSOCKET_VERSION", "").strip()
+    if version != SUPPORTED_VERSION:
+        return (426, "unsupported_websocket_version",
+                "Sec-WebSocket-Version must be 13, got %r" % version[:20],
+                [("Sec-WebSocket-Version", SUPPORTED_VERSION)])
+    key = environ.get("HTTP_SEC_WEBSOCKET_KEY", "").strip()
+    if not key:
+        return 400, "bad_handshake", "Sec-WebSocket-Key is missing", []
+    try:
+        decoded = base64.b64decode(key.encode("ascii"), validate=True)
+    except (binascii.Error, UnicodeEncodeError):
+        return 400, "bad_handshake", "Sec-WebSocket-Key is not base64", []
+    if len(decoded) != 16:
+        return 400, "bad_handshake", "Sec-WebSocket-Key must encode 16 bytes", []
+    return None
+
+
+class RelayHandler(WebSocketHandler):
+    """A pywsgi handler for wsrelay: plain HTTP goes to the WSGI app, WebSocket upgrades to ``app.accept_websocket``.
+
+    ``accept_websocket(handler)`` must end by calling :meth:`refuse` or :meth:`switch_protocols`; after the latter
+    it owns ``handler.socket`` (see :meth:`take_over`) until it returns.
+    """
+
+    def run_application(self):
+        accept = getattr(self.application, "accept_websocket", None)
+        if accept is None or not is_upgrade_request(self.environ):
+            return super(WebSocketHandler, self).run_application()  # pywsgi's plain WSGI path
+        problem = check_handshake(self.environ, self.request_version)
+        if problem is not None:
+            status, code, message, headers = problem
+            return self.refuse(status, code, message, headers)
+        accept(self)
+
+    def refuse(self, status, code, message, headers=()):
+        """Answer the upgrade request with an HTTP error and a JSON body; the connection then closes."""
+        body = error_body(status, code, message)
+        self.close_connection = True
+        self.start_response(status_line(status), [("Content-Type", "application/json"),
+                                                  ("Content-Length", str(len(body))),
+                                                  ("Connection", "close")] + list(headers))
+        self.write(body)
+
+    def switch_protocols(self, headers=(), subprotocol=None):
+        """Send the 101.  Returns False if the client is already gone."""
+        lines = ["HTTP/1.1 101 Switching Protocols", "Upgrade: websocket", "Connection: Upgrade",
+                 "Sec-WebSocket-Accept: " + accept_key(self.environ["HTTP_SEC_WEBSOCKET_KEY"].strip())]
+        if subprotocol:
+            lines.append("Sec-WebSocket-Protocol: " + subprotocol)
+        lines.extend("%s: %s" % (name, value) for name, value in headers)
+        self.status = "101 Switching Protocols"
+        self.headers_sent = True
+        self.close_connection = True
+        self.response_length = 0
+        try:
+            self.socket.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+        except OSError:
+            return False
+        return True
+
+    def take_over(self):
+        """The raw socket and the bytes pywsgi read past the request headers (a client may not wait for the 101)."""
+        sock = self.socket
+        timeout = sock.gettimeout()
+        sock.settimeout(0.0)
+        try:
+            initial = self.rfile.read1(1 << 20) or b""
+        except (OSError, ValueError):
+            initial = b""
+        finally:
+            sock.settimeout(timeout)
+        return sock, initial
+
+    def log_request(self):
+        log = getattr(self.server, "request_log", None)
+        if log is not None:
+            log(self)
+
+
+def shutdown_quietly(sock):
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
