@@ -57,8 +57,10 @@ class Setting:
                 raise ValueError("must be a number, got %r" % (value,))
             try:
                 number = self.type(value)
-            except (TypeError, ValueError):
+            except (TypeError, ValueError, OverflowError):
                 raise ValueError("must be %s, got %r" % ("an integer" if self.type is int else "a number", value))
+            if number != number or number in (float("inf"), float("-inf")):
+                raise ValueError("must be a finite number, got %r" % (value,))
             if self.type is int and isinstance(value, float) and value != int(value):
                 raise ValueError("must be an integer, got %r" % (value,))
             if self.minimum is not None:
@@ -158,6 +160,8 @@ def _flatten(tree, prefix="", out=None, problems=None):
         name = prefix + str(key)
         if isinstance(value, dict) and name not in BY_NAME:
             _flatten(value, name + ".", out, problems)
+        elif value is None and name not in BY_NAME and any(n.startswith(name + ".") for n in BY_NAME):
+            continue  # a section whose settings are all commented out
         else:
             out[name] = value
     return out

@@ -80,7 +80,14 @@ class RelayApp:
             headers = [("Retry-After", exc.retry_after)] if exc.retry_after else []
             return self.refuse(handler, exc.status, exc.code, exc.message, headers)
         self.tracer.emit("dial_ok", key_id=key_id, dial_ms=round(up.dial_ms, 2), client=_client(handler))
-        if not handler.switch_protocols(up.returned_headers(), up.subprotocol):
+        try:
+            switched = handler.switch_protocols(up.returned_headers(), up.subprotocol)
+        except ValueError as exc:
+            up.sock.close()
+            self.tracer.emit("dial_failed", status=502, code="upstream_bad_header", error=str(exc), key_id=key_id)
+            return self.refuse(handler, 502, "upstream_bad_header", "upstream answered with a header that "
+                               "cannot be passed on")
+        if not switched:
             up.sock.close()
             return
         sock, initial = handler.take_over()

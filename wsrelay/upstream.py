@@ -65,12 +65,15 @@ class Upstream:
         self.dial_ms = dial_ms
 
     def returned_headers(self):
-        """The upstream response headers to repeat on the client's 101."""
+        """The upstream response headers to repeat on the client's 101, as their wire text (latin-1 strings).
+
+        websocket-client decodes response headers as UTF-8; re-encoding gives back the upstream's exact bytes.
+        """
         out = []
         for name in RETURNED_HEADERS:
             value = self.headers.get(name)
             if value:
-                out.append((name, value))
+                out.append((name, value.encode("utf-8", "surrogateescape").decode("latin-1")))
         return out
 
 
@@ -87,6 +90,12 @@ def select_headers(environ):
 
 
 def _header_line(name, value):
+    # WSGI hands header values over decoded as latin-1 and websocket-client encodes the request as UTF-8:
+    # going back to the wire bytes first keeps a UTF-8 value byte-for-byte.
+    try:
+        value = value.encode("latin-1").decode("utf-8")
+    except (UnicodeEncodeError, UnicodeDecodeError):
+        raise DialError(400, "invalid_header", "header %s is not valid UTF-8" % name)
     if "\r" in value or "\n" in value:
         raise DialError(400, "invalid_header", "header %s contains a line break" % name)
     return "%s: %s" % (name, value)
@@ -101,6 +110,10 @@ def dial(url, headers, authorization=None, subprotocols=None, timeout=10.0, ca_f
     lines = [_header_line(n, v) for n, v in headers]
     if authorization:
         lines.append(_header_line("Authorization", authorization))
+    if subprotocols:
+        # Offered by hand: websocket-client lowercases the answer and rejects a 101 that picks none, which
+        # RFC 6455 allows; the relay passes the upstream's exact choice (or none) on to the client.
+        lines.append(_header_line("Sec-WebSocket-Protocol", ", ".join(subprotocols)))
     sslopt = {"cert_reqs": ssl.CERT_REQUIRED}
     if ca_file:
         sslopt["ca_certs"] = ca_file
@@ -109,7 +122,7 @@ def dial(url, headers, authorization=None, subprotocols=None, timeout=10.0, ca_f
     try:
         with gevent.Timeout(timeout):
             ws = websocket.create_connection(
-                url, timeout=timeout, header=lines, subprotocols=subprotocols or None,
+                url, timeout=timeout, header=lines,
                 suppress_origin=True, skip_utf8_validation=True, enable_multithread=False,
                 redirect_limit=0, sslopt=sslopt)
     except gevent.Timeout:
@@ -132,13 +145,16 @@ def dial(url, headers, authorization=None, subprotocols=None, timeout=10.0, ca_f
         # Only a redirect gets here (redirects are not followed).
         _abandon(ws)
         raise DialError(502, "upstream_redirect", "upstream answered the handshake with %s" % status)
-    if subprotocols and ws.subprotocol and ws.subprotocol not in subprotocols:
+    response_headers = ws.getheaders() or {}
+    chosen = response_headers.get("sec-websocket-protocol")
+    chosen = chosen.strip() if chosen else None
+    if chosen and chosen not in (subprotocols or ()):
         _abandon(ws)
         raise DialError(502, "upstream_bad_subprotocol", "upstream chose a subprotocol the client did not offer")
     sock = ws.sock
     sock.settimeout(write_timeout)
     ws.sock = None  # the relay owns the socket now; the library object must never touch it again
-    return Upstream(sock, ws.getheaders() or {}, ws.subprotocol, (time.monotonic() - started) * 1000.0)
+    return Upstream(sock, response_headers, chosen, (time.monotonic() - started) * 1000.0)
 
 
 def _status_error(status, headers):

@@ -109,18 +109,25 @@ class RelayHandler(WebSocketHandler):
         self.write(body)
 
     def switch_protocols(self, headers=(), subprotocol=None):
-        """Send the 101.  Returns False if the client is already gone."""
+        """Send the 101.  Returns False if the client is already gone.
+
+        ``headers`` values are wire text (latin-1 strings); one that cannot be sent raises ValueError before
+        anything is written, so the caller can still refuse the request.
+        """
         lines = ["HTTP/1.1 101 Switching Protocols", "Upgrade: websocket", "Connection: Upgrade",
                  "Sec-WebSocket-Accept: " + accept_key(self.environ["HTTP_SEC_WEBSOCKET_KEY"].strip())]
         if subprotocol:
             lines.append("Sec-WebSocket-Protocol: " + subprotocol)
         lines.extend("%s: %s" % (name, value) for name, value in headers)
+        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")  # UnicodeEncodeError is a ValueError
+        if b"\n" in head[:-4].replace(b"\r\n", b""):
+            raise ValueError("a response header contains a line break")
         self.status = "101 Switching Protocols"
         self.headers_sent = True
         self.close_connection = True
         self.response_length = 0
         try:
-            self.socket.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+            self.socket.sendall(head)
         except OSError:
             return False
         return True

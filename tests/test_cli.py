@@ -1,0 +1,398 @@
+"""The ``wsrelay`` command line, run as a real process: check-config, usage, serve."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import gevent
+import pytest
+import websocket
+
+from wsrelay import config
+from wsrelay.report import FIELDS
+from wsrelay.store import UsageStore
+from wsrelay.usage import UsageRecord
+
+pytestmark = pytest.mark.timeout(30)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run(*args, timeout=20):
+    """Run ``python -m wsrelay ARGS`` from the repository root; returns the CompletedProcess."""
+    return subprocess.run([sys.executable, "-m", "wsrelay"] + [str(a) for a in args], cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def write_config(tmp_path, text, name="wsrelay.yaml"):
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return str(path)
+
+
+def free_port():
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    return port
+
+
+def good_config(tmp_path, port=None, extra=""):
+    return write_config(tmp_path, """
+server:
+  host: 127.0.0.1
+  port: %d
+usage:
+  sqlite_path: %s
+gateway:
+  openai_ws:
+    close_timeout_seconds: 1
+    upstream_drain_timeout_seconds: 2
+%s""" % (port or free_port(), json.dumps(str(tmp_path / "usage.db")), extra))
+
+
+# -- check-config ------------------------------------------------------------------------------------------------
+
+
+def test_check_config_accepts_a_good_file(tmp_path):
+    path = good_config(tmp_path)
+    result = run("check-config", "--config", path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "%s: OK" % path
+
+
+def test_check_config_accepts_the_sample_file():
+    result = run("check-config", "--config", os.path.join("etc", "wsrelay.yaml"))
+    assert result.returncode == 0, result.stderr
+    assert "OK" in result.stdout
+
+
+def test_check_config_lists_every_bad_key_and_value(tmp_path):
+    path = write_config(tmp_path, """
+server:
+  port: 99999
+  colour: blue
+upstream:
+  url: https://api.openai.com/v1/responses
+  connect_timeout_seconds: 0
+gateway:
+  openai_ws:
+    passthrough_downstream_ping_interval_seconds: 2
+    passthrough_downstream_ping_timeout_seconds: 3
+""")
+    result = run("check-config", "--config", path)
+    assert result.returncode != 0
+    assert "OK" not in result.stdout
+    lines = [line for line in result.stderr.splitlines() if line.startswith("wsrelay: config: ")]
+    assert len(lines) == 5, result.stderr
+    for name in ("server.port", "server.colour", "upstream.url", "upstream.connect_timeout_seconds",
+                 "gateway.openai_ws.passthrough_downstream_ping_timeout_seconds"):
+        assert len([line for line in lines if line.startswith("wsrelay: config: %s: " % name)]) == 1, \
+            (name, result.stderr)
+    assert "Traceback" not in result.stderr
+
+
+def test_check_config_on_a_missing_file_fails_with_a_message(tmp_path):
+    path = str(tmp_path / "absent.yaml")
+    result = run("check-config", "--config", path)
+    assert result.returncode != 0
+    assert "cannot read" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_check_config_needs_a_file_or_print_defaults():
+    result = run("check-config")
+    assert result.returncode != 0
+    assert "--config" in result.stderr
+
+
+def test_check_config_warns_when_keys_have_no_upstream_credential(tmp_path):
+    path = good_config(tmp_path, extra="auth:\n  keys: [relay-key]\nupstream:\n  api_key_env: WSRELAY_TEST_UNSET\n")
+    env = dict(os.environ)
+    env.pop("WSRELAY_TEST_UNSET", None)
+    result = subprocess.run([sys.executable, "-m", "wsrelay", "check-config", "--config", path], cwd=REPO,
+                            capture_output=True, text=True, timeout=20, env=env)
+    assert result.returncode == 0
+    assert "warning" in result.stderr and "upstream credential" in result.stderr
+
+
+def test_print_defaults_prints_the_rendered_sample():
+    result = run("check-config", "--print-defaults")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == config.render_yaml()
+    with open(os.path.join(REPO, "etc", "wsrelay.yaml"), encoding="utf-8") as fh:
+        assert result.stdout == fh.read()
+
+
+# -- usage -------------------------------------------------------------------------------------------------------
+
+T0 = 1764139290.123
+
+
+def make_records():
+    return [
+        UsageRecord(session_id="s1", response_id="resp_one", model="gpt-5-codex", key_id="k0123456789abcdef",
+                    input_tokens=1200, output_tokens=300, total_tokens=1500, cached_tokens=200,
+                    reasoning_tokens=100, image_tokens=0, terminal_event="response.completed",
+                    client_disconnected=False, started_at=T0, duration_ms=4200),
+        UsageRecord(session_id="s2", response_id=None, model="gpt-5", key_id=None, input_tokens=50,
+                    output_tokens=7, total_tokens=57, cached_tokens=0, reasoning_tokens=0, image_tokens=64,
+                    terminal_event="wsrelay.drain_timeout", client_disconnected=True, started_at=T0 + 60,
+                    duration_ms=60000),
+    ]
+
+
+@pytest.fixture
+def usage_db(tmp_path):
+    """A config whose usage database holds the two records of :func:`make_records`."""
+    path = good_config(tmp_path)
+    store = UsageStore(str(tmp_path / "usage.db"))
+    store.start()
+    for record in make_records():
+        store.put(record)
+    assert store.flush(10)
+    store.close()
+    return path
+
+
+def test_usage_json_lists_the_records_with_the_documented_fields(usage_db):
+    result = run("usage", "--config", usage_db, "--format", "json")
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(result.stdout)
+    assert isinstance(rows, list) and len(rows) == 2
+    documented = ["response_id", "model", "key_id", "input_tokens", "output_tokens", "total_tokens",
+                  "cached_tokens", "reasoning_tokens", "image_tokens", "terminal_event", "client_disconnected",
+                  "started_at", "duration_ms"]
+    assert list(FIELDS) == documented
+    for row in rows:
+        assert list(row) == documented
+    first, second = rows
+    assert first["response_id"] == "resp_one" and first["model"] == "gpt-5-codex"
+    assert first["key_id"] == "k0123456789abcdef"
+    assert (first["input_tokens"], first["output_tokens"], first["total_tokens"]) == (1200, 300, 1500)
+    assert (first["cached_tokens"], first["reasoning_tokens"], first["image_tokens"]) == (200, 100, 0)
+    assert first["terminal_event"] == "response.completed" and first["client_disconnected"] is False
+    assert first["started_at"] == "2025-11-26T06:41:30.123Z"
+    assert first["duration_ms"] == 4200
+    assert second["response_id"] is None and second["key_id"] is None
+    assert second["client_disconnected"] is True and second["image_tokens"] == 64
+    assert second["terminal_event"] == "wsrelay.drain_timeout"
+
+
+def test_usage_db_flag_reads_that_database(usage_db, tmp_path):
+    result = run("usage", "--db", tmp_path / "usage.db", "--format", "json")
+    assert result.returncode == 0, result.stderr
+    assert [r["model"] for r in json.loads(result.stdout)] == ["gpt-5-codex", "gpt-5"]
+
+
+def test_usage_since_filters_by_start_time(usage_db):
+    result = run("usage", "--config", usage_db, "--format", "json", "--since", T0 + 1)
+    assert result.returncode == 0, result.stderr
+    assert [r["model"] for r in json.loads(result.stdout)] == ["gpt-5"]
+
+
+def test_usage_table_shows_the_records_and_a_total_row(usage_db):
+    result = run("usage", "--config", usage_db, "--format", "table")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].split() == list(FIELDS)
+    assert any("resp_one" in line and "gpt-5-codex" in line for line in lines)
+    assert any("wsrelay.drain_timeout" in line for line in lines)
+    total = lines[-1].split()
+    assert total[0] == "TOTAL"
+    assert total[1:] == ["1250", "307", "1557", "200", "100", "64"]
+
+
+def test_usage_csv_has_a_header_and_one_line_per_record(usage_db):
+    result = run("usage", "--config", usage_db, "--format", "csv")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == ",".join(FIELDS)
+    assert len(lines) == 3 and lines[1].startswith("resp_one,gpt-5-codex,")
+
+
+def test_usage_default_format_is_the_table(usage_db):
+    result = run("usage", "--config", usage_db)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1].split()[0] == "TOTAL"
+
+
+def test_usage_of_an_empty_database_is_an_empty_json_array(tmp_path):
+    result = run("usage", "--config", good_config(tmp_path), "--format", "json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == []
+
+
+def test_usage_with_an_invalid_config_fails_with_a_message(tmp_path):
+    result = run("usage", "--config", write_config(tmp_path, "usage:\n  sqlite_pth: x.db\n"), "--format", "json")
+    assert result.returncode != 0
+    assert "usage.sqlite_pth: unknown setting" in result.stderr
+
+
+# -- serve -------------------------------------------------------------------------------------------------------
+
+
+def test_serve_with_an_invalid_config_exits_with_a_clear_message(tmp_path):
+    path = write_config(tmp_path, "server:\n  port: not-a-port\nupstream:\n  url: http://x.example/\n")
+    result = run("serve", "--config", path)
+    assert result.returncode != 0
+    assert "wsrelay: config: server.port: " in result.stderr
+    assert "wsrelay: config: upstream.url: " in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_serve_with_an_invalid_upstream_flag_exits_with_a_clear_message(tmp_path):
+    result = run("serve", "--config", good_config(tmp_path), "--upstream", "https://api.openai.com/v1/responses")
+    assert result.returncode != 0
+    assert "wsrelay: config: upstream.url: " in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_serve_on_a_busy_port_exits_with_a_clear_message(tmp_path):
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen(1)
+    try:
+        result = run("serve", "--config", good_config(tmp_path), "--port", busy.getsockname()[1])
+    finally:
+        busy.close()
+    assert result.returncode != 0
+    assert "cannot listen" in result.stderr and "Traceback" not in result.stderr
+
+
+class Served:
+    """A ``wsrelay serve`` process; its standard error is collected as it comes."""
+
+    def __init__(self, *args):
+        self.proc = subprocess.Popen([sys.executable, "-m", "wsrelay", "serve"] + [str(a) for a in args],
+                                     cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.lines = []
+        self.reader = gevent.spawn(self._read)
+
+    def _read(self):
+        for line in self.proc.stderr:
+            self.lines.append(line.rstrip("\n"))
+
+    def stderr(self):
+        return "\n".join(self.lines)
+
+    def wait_listening(self, port, timeout=15.0):
+        """Until the trace says it listens and the port accepts a connection."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError("wsrelay serve exited with %s: %s" % (self.proc.returncode, self.stderr()))
+            if any("stage=server_listening" in line for line in self.lines):
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                    return
+                except OSError:
+                    pass
+            gevent.sleep(0.05)
+        raise AssertionError("wsrelay serve did not listen on %d: %s" % (port, self.stderr()))
+
+    def terminate(self, timeout=5.0):
+        """SIGTERM; returns the exit status (the process must end within ``timeout``)."""
+        started = time.monotonic()
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            code = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise AssertionError("wsrelay serve ignored SIGTERM for %ss: %s" % (timeout, self.stderr()))
+        self.reader.join(timeout=2)
+        self.elapsed = time.monotonic() - started
+        return code
+
+    def kill(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.reader.kill()
+        self.proc.stdout.close()
+        self.proc.stderr.close()
+
+
+@pytest.fixture
+def serve():
+    started = []
+
+    def start(*args):
+        served = Served(*args)
+        started.append(served)
+        return served
+
+    yield start
+    for served in started:
+        served.kill()
+
+
+def run_turn(url):
+    """One response.create over a websocket-client connection; returns the terminal event."""
+    ws = websocket.create_connection(url, timeout=10)
+    try:
+        ws.send(json.dumps({"type": "response.create", "model": "gpt-cli-test", "input": []}))
+        while True:
+            event = json.loads(ws.recv())
+            if event["type"] in ("response.completed", "response.failed", "error"):
+                return event
+    finally:
+        ws.close()
+
+
+def test_serve_relays_a_turn_stops_on_sigterm_and_records_the_usage(tmp_path, fake, serve):
+    app, up_url = fake()
+    port = free_port()
+    path = good_config(tmp_path)
+    served = serve("--config", path, "--port", port, "--upstream", up_url)
+    served.wait_listening(port)
+    terminal = run_turn("ws://127.0.0.1:%d/v1/responses" % port)
+    assert terminal["type"] == "response.completed"
+    assert len(app.handshakes) == 1
+    assert served.terminate(timeout=5) == 0, served.stderr()
+    assert "stage=server_stopped" in served.stderr()
+    result = run("usage", "--config", path, "--format", "json")
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(result.stdout)
+    assert len(rows) == 1, rows
+    row = rows[0]
+    assert row["response_id"] == terminal["response"]["id"]
+    assert row["model"] == "gpt-cli-test"
+    assert row["terminal_event"] == "response.completed"
+    assert (row["input_tokens"], row["output_tokens"], row["total_tokens"]) == (120, 30, 150)
+    assert (row["cached_tokens"], row["reasoning_tokens"]) == (20, 10)
+    assert row["client_disconnected"] is False
+
+
+def test_serve_flags_beat_the_file(tmp_path, fake, serve):
+    _, up_url = fake()
+    file_port, flag_port = free_port(), free_port()
+    assert file_port != flag_port
+    path = good_config(tmp_path, port=file_port,
+                       extra="upstream:\n  url: ws://127.0.0.1:%d/v1/responses\n" % free_port())
+    served = serve("--config", path, "--port", flag_port, "--upstream", up_url)
+    served.wait_listening(flag_port)
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", file_port), timeout=1).close()
+    # The --upstream flag beat the file's (dead) upstream too: the turn works.
+    assert run_turn("ws://127.0.0.1:%d/v1/responses" % flag_port)["type"] == "response.completed"
+    assert served.terminate(timeout=5) == 0, served.stderr()
+
+
+def test_serve_stops_on_sigterm_with_a_session_open(tmp_path, fake, serve):
+    _, up_url = fake()
+    port = free_port()
+    path = good_config(tmp_path)
+    served = serve("--config", path, "--port", port, "--upstream", up_url)
+    served.wait_listening(port)
+    ws = websocket.create_connection("ws://127.0.0.1:%d/v1/responses" % port, timeout=10)
+    try:
+        code = served.terminate(timeout=8)
+    finally:
+        ws.close()
+    assert code == 0, served.stderr()
