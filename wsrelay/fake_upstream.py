@@ -23,7 +23,7 @@ import gevent
 from gevent.pywsgi import WSGIServer
 
 from . import frames
-from .frames import OP_BINARY, OP_CLOSE, OP_CONTINUATION, OP_PING, OP_PONG, OP_TEXT
+from .frames import OP_CLOSE, OP_CONTINUATION, OP_PING, OP_PONG, OP_TEXT
 from .websocket import RelayHandler, error_body
 
 MODES = ("normal", "error", "close-mid", "drop-mid", "echo")

@@ -62,11 +62,10 @@ class Session(Splice):
             self._drain(up)
         if self.upstream_open and not up.dead:
             if not first.close_forwarded and not self._up_mid_frame:
-                code = first.close_code if first.stage == "client_close" and first.close_code else None
-                if code is None or code in (frames.CLOSE_PROTOCOL_ERROR, frames.CLOSE_MESSAGE_TOO_BIG):
-                    code, reason = frames.CLOSE_GOING_AWAY, "client disconnected"
+                if first.stage == "client_close":
+                    code, reason = first.close_code or frames.CLOSE_NORMAL, first.close_reason
                 else:
-                    reason = first.close_reason
+                    code, reason = frames.CLOSE_GOING_AWAY, "client disconnected"
                 self._send_up(frames.build_close(code, reason, mask=True))
             up.join(self.close_timeout)  # the upstream's close in reply ends the pump
 

@@ -10,27 +10,24 @@ Each pump reports how its side ended as an :class:`Exit` value (the first one wi
 settles the session from there.
 """
 
-import re
 import socket
 import time
 import uuid
 from dataclasses import dataclass
 
-import gevent
 from gevent.event import Event
 from gevent.lock import Semaphore
 
 from . import frames, usage
+from .sniff import SNIFF_CLIENT_BYTES, UpstreamMessage, sniff_create
 from .frames import OP_BINARY, OP_CLOSE, OP_CONTINUATION, OP_PING, OP_PONG, OP_TEXT, ProtocolError
-from .keepalive import Keepalive, PingUnsupported
+from .keepalive import PingUnsupported
 
 CLIENT_TO_UPSTREAM = "client_to_upstream"
 UPSTREAM_TO_CLIENT = "upstream_to_client"
 KEEPALIVE = "downstream_keepalive"
 
 BUFFER_SIZE = 16 * 1024
-SNIFF_CLIENT_BYTES = 256
-SNIFF_UPSTREAM_BYTES = 96
 
 
 @dataclass(frozen=True)
@@ -45,31 +42,6 @@ class Exit:
     close_code: int = None
     close_reason: str = ""
     close_forwarded: bool = False
-
-
-class _UpstreamMessage:
-    """Collects an upstream text message just far enough to know whether it may be a terminal event."""
-
-    __slots__ = ("data", "copying", "limit")
-
-    def __init__(self, limit):
-        self.data = bytearray()
-        self.copying = False
-        self.limit = limit
-
-    def feed(self, chunk):
-        """Returns False once the message is known to be uninteresting (the caller drops it)."""
-        self.data += chunk
-        if not self.copying and len(self.data) >= SNIFF_UPSTREAM_BYTES:
-            if not usage.may_be_terminal(bytes(self.data[:SNIFF_UPSTREAM_BYTES])):
-                return False
-            self.copying = True
-        return len(self.data) <= self.limit
-
-    def finish(self):
-        if self.copying or usage.may_be_terminal(bytes(self.data)):
-            return bytes(self.data)
-        return None
 
 
 class Splice:
@@ -278,7 +250,7 @@ class Splice:
                     continue
                 business = True
                 if opcode != OP_CONTINUATION:
-                    message = _UpstreamMessage(self.max_event_bytes) if opcode == OP_TEXT else None
+                    message = UpstreamMessage(self.max_event_bytes) if opcode == OP_TEXT else None
                 frame_fin = fin
                 pos += header_length
                 remaining = length
@@ -311,9 +283,11 @@ class Splice:
         self.initial = b""
         walk_first = end > 0   # bytes read along with the handshake come before anything on the socket
         remaining = 0
+        frame_fin = True
         in_message = False
         message_size = 0
         sniff = None           # [mask_key, masked prefix, bytes wanted, message longer than that]
+        create = None          # (model,) once the open message is known to be a response.create
         while True:
             if not walk_first:
                 try:
@@ -330,16 +304,20 @@ class Splice:
             walk_first = False
             pos = 0
             flush_from = 0
+            turns = []             # requests whose last byte is in this batch: their turns start once it is sent
             while pos < end:
                 if remaining:
                     take = min(remaining, end - pos)
                     if sniff is not None:
                         sniff[1] += view[pos:pos + min(take, sniff[2] - len(sniff[1]))]
                         if len(sniff[1]) >= sniff[2]:
-                            self._on_client_prefix(*sniff)
+                            create = sniff_create(*sniff)
                             sniff = None
                     pos += take
                     remaining -= take
+                    if not remaining and frame_fin and create is not None:
+                        turns.append(create[0])
+                        create = None
                     continue
                 header = frames.parse_header(buf, pos, end)
                 if header is None:
@@ -354,7 +332,8 @@ class Splice:
                             raise ProtocolError("message of %d bytes is over the %d-byte limit"
                                                 % (message_size, self.read_limit), frames.CLOSE_MESSAGE_TOO_BIG)
                 except ProtocolError as exc:
-                    self._send_up(view[flush_from:pos])
+                    if self._send_up(view[flush_from:pos]):
+                        self._start_turns(turns)
                     stage = ("client_message_too_big" if exc.code == frames.CLOSE_MESSAGE_TOO_BIG
                              else "client_protocol_error")
                     return self._report(Exit(stage, CLIENT_TO_UPSTREAM, "client", False, error=exc.reason,
@@ -380,29 +359,41 @@ class Splice:
                     try:
                         code, reason = frames.parse_close(payload)
                     except ProtocolError as exc:
-                        self._send_up(view[flush_from:pos])
+                        if self._send_up(view[flush_from:pos]):
+                            self._start_turns(turns)
                         return self._report(Exit("client_protocol_error", CLIENT_TO_UPSTREAM, "client", False,
                                                  error=exc.reason, close_code=exc.code, close_reason=exc.reason))
+                    if self._send_up(view[flush_from:pos]):
+                        self._start_turns(turns)
                     # Mid-turn the close is held: forwarding it could end the turn upstream before it is billed.
                     forward = not self.ledger.in_flight
-                    self._send_up(view[flush_from:frame_end if forward else pos])
+                    if forward:
+                        self._send_up(view[pos:frame_end])
                     return self._report(Exit("client_close", CLIENT_TO_UPSTREAM, "client", True,
                                              close_code=code, close_reason=reason, close_forwarded=forward))
-                if opcode == OP_TEXT and length:
-                    wanted = min(length, SNIFF_CLIENT_BYTES)
-                    sniff = [mask_key, bytearray(), wanted, length > wanted or not fin]
+                if opcode != OP_CONTINUATION:
+                    create = None
+                    if opcode == OP_TEXT and length:
+                        wanted = min(length, SNIFF_CLIENT_BYTES)
+                        sniff = [mask_key, bytearray(), wanted, length > wanted or not fin]
+                frame_fin = fin
                 pos += header_length
                 remaining = length
+                if not length and fin and create is not None:
+                    turns.append(create[0])
+                    create = None
             if flush_from < pos and not self._send_up(view[flush_from:pos], remaining > 0):
                 return self._exit
+            if turns:
+                self._start_turns(turns)
             end = _compact(buf, pos, end)
 
-    def _on_client_prefix(self, mask_key, masked, wanted, longer):
-        prefix = frames.unmask(bytes(masked), mask_key)
-        if b'"response.create"' in prefix or (longer and b'"type"' not in prefix):
-            model = model_hint(prefix)
+    def _start_turns(self, models):
+        # A turn starts once its whole request has reached the upstream: a request cut short starts nothing.
+        for model in models:
             self._record(self.ledger.start_turn(model))
             self.trace("turn_start", direction=CLIENT_TO_UPSTREAM, model=model)
+        del models[:]
 
 
 def _check_sequence(opcode, fin, in_message):
@@ -424,15 +415,6 @@ def _compact(buf, pos, end):
     if leftover and pos:
         buf[:leftover] = buf[pos:end]
     return leftover
-
-
-_MODEL = re.compile(rb'"model"\s*:\s*"([^"\\]{1,128})"')
-
-
-def model_hint(prefix):
-    """The request's model when it shows in the first bytes of a ``response.create`` (a fallback for billing)."""
-    match = _MODEL.search(prefix)
-    return match.group(1).decode("utf-8", "replace") if match else None
 
 
 def _describe(exc):

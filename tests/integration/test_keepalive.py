@@ -7,7 +7,6 @@ import gevent
 import pytest
 
 from tests.conftest import connect
-from wsrelay import frames
 from wsrelay.frames import OP_PING, OP_PONG, OP_TEXT
 
 pytestmark = pytest.mark.timeout(30)

@@ -1,0 +1,67 @@
+"""The Session on its own, over socket pairs: no server, no handshake, just the splice and its exits."""
+
+import json
+import socket
+
+import gevent
+import pytest
+
+from tests.conftest import FAST
+from wsrelay import config as config_mod
+from wsrelay.fake_upstream import FrameSocket
+from wsrelay.frames import OP_PING, OP_TEXT
+from wsrelay.relay import Session
+
+pytestmark = pytest.mark.timeout(30)
+
+
+def make_session(tracer, store, ping_supported=True, **settings):
+    overrides = dict(FAST)
+    overrides.update(settings)
+    cfg = config_mod.load(None, overrides)
+    client_end, relay_down = socket.socketpair()
+    relay_up, upstream_end = socket.socketpair()
+    session = Session(relay_down, relay_up, cfg, tracer, store, key_id="k1", ping_supported=ping_supported)
+    client = FrameSocket(client_end, client=True)
+    upstream = FrameSocket(upstream_end)
+    return session, client, upstream
+
+
+def test_ping_unsupported_is_traced_once_and_the_relay_carries_on(tracer, store):
+    session, client, upstream = make_session(
+        tracer, store, ping_supported=False,
+        **{"gateway.openai_ws.passthrough_downstream_ping_interval_seconds": 0.1,
+           "gateway.openai_ws.passthrough_downstream_ping_timeout_seconds": 0.05})
+    runner = gevent.spawn(session.run)
+    client.send(OP_TEXT, json.dumps({"type": "response.create", "model": "m"}).encode())
+    assert upstream.read_message()[0] == OP_TEXT
+    upstream.send_json({"type": "response.created", "response": {"id": "resp_1"}})
+    assert client.read_frame()[1] == OP_TEXT
+    tracer.wait_for("downstream_ping_unsupported")
+    gevent.sleep(0.35)  # several intervals: still no Ping, and no second trace line
+    upstream.send_json({"type": "response.completed", "response": {"id": "resp_1", "usage": {
+        "input_tokens": 5, "output_tokens": 7, "total_tokens": 12}}})
+    fin, opcode, payload = client.read_frame()
+    assert opcode == OP_TEXT and b"response.completed" in payload  # no Ping came before it
+    assert len(tracer.find("downstream_ping_unsupported")) == 1
+    unsupported = tracer.find("downstream_ping_unsupported")[0]
+    assert unsupported["direction"] == "downstream_keepalive" and unsupported["wrote_downstream"] is True
+    assert store.wait(1)[0]["total_tokens"] == 12
+    client.close(1000, "done")
+    exit_ = runner.get(timeout=5)
+    assert (exit_.stage, exit_.side, exit_.graceful) == ("client_close", "client", True)
+
+
+def test_first_exit_is_a_value_naming_side_direction_and_grace(tracer, store):
+    session, client, upstream = make_session(tracer, store)
+    runner = gevent.spawn(session.run)
+    upstream.send(OP_PING, b"x")
+    assert client.read_frame()[1:] == (OP_PING, b"x")
+    upstream.sock.close()
+    exit_ = runner.get(timeout=5)
+    assert exit_.stage == "upstream_eof"
+    assert exit_.side == "upstream" and exit_.direction == "upstream_to_client" and exit_.graceful is False
+    first = tracer.find("first_exit")[0]
+    assert first["cause"] == "upstream_eof" and first["wrote_downstream"] is False
+    complete = tracer.find("relay_complete")[0]
+    assert complete["cause"] == "upstream_eof"

@@ -1,0 +1,59 @@
+"""What the relay reads of the messages it forwards: just enough to see a turn start and a turn end.
+
+A client text message's first bytes tell whether it is a ``response.create`` (a turn starts); an upstream text
+message's first bytes tell whether it may be a terminal event, and only those are copied whole for the usage
+parser.  Everything else passes through unread.
+"""
+
+import re
+
+from . import frames, usage
+
+SNIFF_CLIENT_BYTES = 256
+SNIFF_UPSTREAM_BYTES = 96
+
+
+class UpstreamMessage:
+    """Collects an upstream text message just far enough to know whether it may be a terminal event."""
+
+    __slots__ = ("data", "copying", "limit")
+
+    def __init__(self, limit):
+        self.data = bytearray()
+        self.copying = False
+        self.limit = limit
+
+    def feed(self, chunk):
+        """Returns False once the message is known to be uninteresting (the caller drops it)."""
+        self.data += chunk
+        if not self.copying and len(self.data) >= SNIFF_UPSTREAM_BYTES:
+            if not usage.may_be_terminal(bytes(self.data[:SNIFF_UPSTREAM_BYTES])):
+                return False
+            self.copying = True
+        return len(self.data) <= self.limit
+
+    def finish(self):
+        if self.copying or usage.may_be_terminal(bytes(self.data)):
+            return bytes(self.data)
+        return None
+
+
+def sniff_create(mask_key, masked, wanted, longer):
+    """``(model,)`` when a client text message's first (masked) bytes show a ``response.create``, else None.
+
+    ``longer`` says the message goes on past these bytes; such a message with no ``"type"`` in its first bytes
+    is counted as a request too, since missing a turn would lose its bill.
+    """
+    prefix = frames.unmask(bytes(masked), mask_key)
+    if b'"response.create"' in prefix or (longer and b'"type"' not in prefix):
+        return (model_hint(prefix),)
+    return None
+
+
+_MODEL = re.compile(rb'"model"\s*:\s*"([^"\\]{1,128})"')
+
+
+def model_hint(prefix):
+    """The request's model when it shows in the first bytes of a ``response.create`` (a fallback for billing)."""
+    match = _MODEL.search(prefix)
+    return match.group(1).decode("utf-8", "replace") if match else None
