@@ -201,6 +201,11 @@ def raw_request(url, headers=(), version="HTTP/1.1", extra=b"", method="GET", ke
     given = {h[0].lower() for h in headers}
     lines += ["%s: %s" % (k, v) for k, v in default.items() if k not in given and method == "GET"]
     sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + extra)
+    return (sock,) + read_response(sock)
+
+
+def read_response(sock):
+    """Read one HTTP response head (and its body, unless it is a 101): ``(status, headers_dict, body_or_rest)``."""
     data = b""
     while b"\r\n\r\n" not in data:
         chunk = sock.recv(65536)
@@ -221,7 +226,15 @@ def raw_request(url, headers=(), version="HTTP/1.1", extra=b"", method="GET", ke
             if not chunk:
                 break
             rest += chunk
-    return sock, status, response_headers, rest
+    return status, response_headers, rest
+
+
+def free_port():
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    return port
 
 
 def connect(url, headers=(), extra=b""):

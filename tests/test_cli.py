@@ -12,6 +12,7 @@ import gevent
 import pytest
 import websocket
 
+from tests.conftest import free_port
 from wsrelay import config
 from wsrelay.report import FIELDS
 from wsrelay.store import UsageStore
@@ -32,14 +33,6 @@ def write_config(tmp_path, text, name="wsrelay.yaml"):
     path = tmp_path / name
     path.write_text(text, encoding="utf-8")
     return str(path)
-
-
-def free_port():
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
-    return port
 
 
 def good_config(tmp_path, port=None, extra=""):

@@ -18,7 +18,7 @@ from gevent.pywsgi import WSGIServer
 from geventwebsocket.handler import WebSocketHandler
 from websocket import _cookiejar, _handshake
 
-from tests.conftest import connect, raw_request, ws_key
+from tests.conftest import connect, free_port, raw_request, read_response, ws_key
 from wsrelay import auth, frames, trace
 from wsrelay.fake_upstream import ConnectionClosed
 from wsrelay.frames import OP_TEXT
@@ -52,26 +52,7 @@ def send_raw(url, head, timeout=10):
     """
     sock = socket.create_connection(("127.0.0.1", port_of(url)), timeout=timeout)
     sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode("latin-1"))
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = sock.recv(65536)
-        if not chunk:
-            break
-        data += chunk
-    raw_head, _, body = data.partition(b"\r\n\r\n")
-    status_line, *lines = raw_head.decode("latin-1").split("\r\n")
-    headers = {}
-    for line in lines:
-        name, _, value = line.partition(":")
-        headers[name.strip().lower()] = value.strip()
-    status = int(status_line.split()[1]) if status_line else 0
-    length = int(headers.get("content-length", "0") or 0)
-    while status != 101 and len(body) < length:
-        chunk = sock.recv(65536)
-        if not chunk:
-            break
-        body += chunk
-    return sock, status, headers, body
+    return (sock,) + read_response(sock)
 
 
 def read_to_eof(sock, timeout=5.0):
@@ -182,14 +163,6 @@ def silent_listener():
     for conn in held:
         conn.close()
     sock.close()
-
-
-def free_port():
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
-    return port
 
 
 # -- the stock gevent-websocket handler, for the companion tests -------------------------------------------------
