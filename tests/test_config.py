@@ -343,3 +343,10 @@ def test_sample_config_loads():
     cfg = config.load(os.path.join(REPO, "etc", "wsrelay.yaml"))
     assert cfg.values == config.load().values
     assert not math.isnan(cfg[INTERVAL])
+
+
+def test_readme_settings_reference_is_generated_from_the_settings_table():
+    with open(os.path.join(REPO, "README.rst"), encoding="utf-8") as fh:
+        readme = fh.read()
+    block = readme.split(".. reference-start\n\n", 1)[1].split(".. reference-end", 1)[0]
+    assert block == config.render_reference(), "regenerate with: bin/wsrelay check-config --print-reference"

@@ -84,6 +84,18 @@ SETTINGS = (
     Setting("server.host", str, "127.0.0.1", "Address to listen on."),
     Setting("server.port", int, 8080, "TCP port to listen on.", minimum=0, maximum=65535),
     Setting("server.backlog", int, 1024, "Listen backlog.", minimum=1),
+    Setting("server.max_connections", int, 10000,
+            "Live WebSocket sessions the relay holds at most; past it an upgrade gets 503 with Retry-After. "
+            "Each session holds two sockets: keep it under half the open-file limit.", minimum=1),
+    Setting("server.allowed_origins", list, [],
+            "Origins a browser client may connect from (exact match, e.g. https://app.example.com). Empty: any. "
+            "Requests without an Origin header (Codex, SDKs) are always allowed."),
+    Setting("server.tls_cert", str, None, "PEM certificate (chain) to serve wss:// directly; needs server.tls_key.",
+            nullable=True),
+    Setting("server.tls_key", str, None, "PEM private key for server.tls_cert.", nullable=True),
+    Setting("server.shutdown_grace_seconds", float, 30.0,
+            "On SIGTERM, how long live turns may run to their end before their clients are closed with 1001 "
+            "(their upstreams are then drained so the turns are still billed).", minimum=0),
     Setting("upstream.url", str, "wss://api.openai.com/v1/responses",
             "Upstream Responses WebSocket endpoint (ws:// or wss://)."),
     Setting("upstream.api_key", str, None, "Credential sent upstream as 'Authorization: Bearer' when auth.keys "
@@ -111,6 +123,18 @@ SETTINGS = (
             "so the turn's usage is recorded.", minimum=0),
     Setting(_WS + "client_read_limit_bytes", int, 64 * MiB,
             "Largest client message accepted; a larger one is refused with close code 1009.", minimum=1),
+    Setting(_WS + "max_ingress_connections_per_api_key", int, 64,
+            "Concurrent sessions one relay key (or, in passthrough, one client credential) may hold; past it an "
+            "upgrade gets 429 with Retry-After.", minimum=1),
+    Setting(_WS + "client_first_message_timeout_seconds", float, 30.0,
+            "A client that sends no response.create this long after connecting is closed with 1008. 0 disables.",
+            minimum=0),
+    Setting(_WS + "ingress_inter_turn_idle_timeout_seconds", float, 300.0,
+            "A session with no turn in flight this long is closed with 1000 'websocket idle timeout', so Pings "
+            "never keep an abandoned session and its upstream socket open forever. 0 disables.", minimum=0),
+    Setting(_WS + "read_timeout_seconds", float, 900.0,
+            "A turn in flight with no upstream frame this long is given up: the client is closed with 1001 and "
+            "the turn recorded as failed. 0 disables.", minimum=0),
     Setting(_WS + "write_timeout_seconds", float, 60.0,
             "Longest time one write to the client or the upstream may block (a client that stops reading).",
             minimum=0, exclusive_minimum=True),
@@ -213,6 +237,11 @@ def _cross_check(values):
     if interval and timeout >= interval:
         problems.append("%spassthrough_downstream_ping_timeout_seconds: must be less than the ping interval "
                         "(%s), got %s" % (_WS, interval, timeout))
+    if bool(values["server.tls_cert"]) != bool(values["server.tls_key"]):
+        problems.append("server.tls_cert and server.tls_key must be set together")
+    for name in ("server.tls_cert", "server.tls_key", "upstream.ca_file"):
+        if values[name] and not os.access(values[name], os.R_OK):
+            problems.append("%s: cannot read %s" % (name, values[name]))
     url = values["upstream.url"]
     if not (url.startswith("ws://") or url.startswith("wss://")):
         problems.append("upstream.url: must start with ws:// or wss://, got %r" % url)

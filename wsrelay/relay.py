@@ -1,10 +1,12 @@
 """A relay session's life cycle: start the pumps, take the first exit, settle both sides, bill the turn.
 
-* The client leaves (close frame, EOF, reset, failed Ping, bad frame) — stop writing downstream; if a turn is in
-  flight, *drain* the upstream until its terminal event or ``upstream_drain_timeout_seconds``; then close the
-  upstream with the client's close code (1001 when the client gave none).
+* The client leaves (close frame, EOF, reset, failed Ping, bad frame) or the relay ends the client side (idle or
+  first-message timeout, shutdown) — stop writing downstream; if a turn is in flight, *drain* the upstream until
+  its terminal event or ``upstream_drain_timeout_seconds``; then close the upstream with the client's close code
+  (1001 "client disconnected" when the client gave none, the relay's own code for its timers).
 * The upstream ends — a close frame is forwarded as it is (its code and reason reach the client); an abrupt end
-  becomes close 1011 for the client.  A turn left without a terminal event is recorded as failed.
+  becomes close 1011 for the client, a read timeout 1001.  A turn left without a terminal event is recorded
+  as failed.
 """
 
 import time
@@ -13,20 +15,35 @@ import gevent
 
 from . import frames, usage
 from .keepalive import Keepalive
-from .splice import Splice
+from .splice import CLIENT_TO_UPSTREAM, UPSTREAM_TO_CLIENT, Exit, Splice
+
+# Upstream-side ends other than a close frame: the close the client gets.
+_CLIENT_CLOSE = {
+    "upstream_protocol_error": (frames.CLOSE_INTERNAL_ERROR, "upstream protocol error"),
+    "upstream_read_timeout": (frames.CLOSE_GOING_AWAY, "upstream read timeout"),
+}
+_UPSTREAM_LOST = (frames.CLOSE_INTERNAL_ERROR, "upstream connection lost")
+# Ends after which the upstream connection is still sound: the close it gets from the relay.
+_UPSTREAM_CLOSE = {
+    "upstream_protocol_error": (frames.CLOSE_PROTOCOL_ERROR, "protocol error"),
+    "upstream_read_timeout": (frames.CLOSE_GOING_AWAY, "read timeout"),
+    "idle_timeout": (frames.CLOSE_NORMAL, "websocket idle timeout"),
+    "client_first_message_timeout": (frames.CLOSE_NORMAL, "client sent no request"),
+    "server_shutdown": (frames.CLOSE_GOING_AWAY, "server shutting down"),
+}
+_CLIENT_GONE = (frames.CLOSE_GOING_AWAY, "client disconnected")
 
 
 class Session(Splice):
     """One client connection and its upstream.  ``run()`` blocks (in the connection's greenlet) until both end."""
 
     def run(self):
-        started = time.monotonic()
         self.trace("relay_start", key_id=self.key_id, ping_interval=self.ping_interval)
         up = gevent.spawn(self._pump_upstream)
         down = gevent.spawn(self._pump_downstream)
-        keepalive = None
+        helpers = [gevent.spawn(self._watch)]
         if self.ping_interval > 0:
-            keepalive = gevent.spawn(Keepalive(self, self.ping_interval, self.ping_timeout).run)
+            helpers.append(gevent.spawn(Keepalive(self, self.ping_interval, self.ping_timeout).run))
         first = None
         try:
             self._exit_event.wait()
@@ -34,14 +51,13 @@ class Session(Splice):
             self.trace("first_exit", cause=first.stage, direction=first.direction, side=first.side,
                        graceful=first.graceful, wrote_downstream=self.wrote_downstream, error=first.error,
                        close_code=first.close_code, turn_in_flight=self.ledger.in_flight)
-            if keepalive is not None:
-                keepalive.kill()
+            gevent.killall([g for g in helpers if g is not gevent.getcurrent()])
             if first.side == "client":
                 self._settle_client_exit(first, up, down)
             else:
                 self._settle_upstream_exit(first, up, down)
         finally:
-            gevent.killall([g for g in (up, down, keepalive) if g is not None])
+            gevent.killall([up, down] + helpers)
             for sock in (self.down_sock, self.up_sock):
                 _close(sock)
             if self.ledger.in_flight:
@@ -49,15 +65,45 @@ class Session(Splice):
             self._record(self.ledger.close())
             self.trace("relay_complete", cause=first.stage if first else "error",
                        graceful=first.graceful if first else False, wrote_downstream=self.wrote_downstream,
-                       duration_ms=int((time.monotonic() - started) * 1000), bytes_to_upstream=self.bytes_to_upstream,
-                       bytes_to_client=self.bytes_to_client)
+                       duration_ms=int((time.monotonic() - self.started) * 1000), turns=self.turns_started,
+                       bytes_to_upstream=self.bytes_to_upstream, bytes_to_client=self.bytes_to_client)
         return first
+
+    def _watch(self):
+        """The session timers; sleeps until the deadline or a turn starting or ending moves it, never polls."""
+        while True:
+            self.turn_changed.clear()
+            now = time.monotonic()
+            if self.ledger.in_flight:
+                limit, since, exit_ = self.read_timeout, self.last_upstream_read, Exit(
+                    "upstream_read_timeout", UPSTREAM_TO_CLIENT, "upstream", False,
+                    error="no upstream frame for %gs during a turn" % self.read_timeout)
+            elif not self.turns_started:
+                limit, since, exit_ = self.first_message_timeout, self.started, Exit(
+                    "client_first_message_timeout", CLIENT_TO_UPSTREAM, "client", False,
+                    error="no response.create within %gs" % self.first_message_timeout,
+                    close_code=frames.CLOSE_POLICY_VIOLATION, close_reason="no request received")
+            else:
+                limit, since, exit_ = self.idle_timeout, self.turn_ended_at, Exit(
+                    "idle_timeout", CLIENT_TO_UPSTREAM, "client", True,
+                    error="no turn for %gs" % self.idle_timeout,
+                    close_code=frames.CLOSE_NORMAL, close_reason="websocket idle timeout")
+            if not limit:
+                self.turn_changed.wait()  # this timer is off: only a turn starting or ending matters
+                continue
+            due = since + limit - now
+            if due > 0:
+                self.turn_changed.wait(due)
+                continue
+            return self._report(exit_)
 
     def _settle_client_exit(self, first, up, down):
         self.downstream_open = False
         if not down.dead and gevent.getcurrent() is not down:
             down.kill()
-        self._answer_client(first)
+        if first.stage == "client_close" or first.close_code is not None:
+            # The echo of the client's close, or the relay's own reason for closing.
+            self._send_down_control(frames.build_close(first.close_code, first.close_reason))
         if self.ledger.in_flight and self.upstream_open and not up.dead:
             self._drain(up)
         if self.upstream_open and not up.dead:
@@ -65,53 +111,45 @@ class Session(Splice):
                 if first.stage == "client_close":
                     code, reason = first.close_code or frames.CLOSE_NORMAL, first.close_reason
                 else:
-                    code, reason = frames.CLOSE_GOING_AWAY, "client disconnected"
+                    code, reason = _UPSTREAM_CLOSE.get(first.stage, _CLIENT_GONE)
                 self._send_up(frames.build_close(code, reason, mask=True))
             up.join(self.close_timeout)  # the upstream's close in reply ends the pump
-
-    def _answer_client(self, first):
-        """Complete the closing handshake the client started, or tell it why the relay is closing."""
-        if first.stage == "client_close":
-            self._send_down_control(frames.build_close(first.close_code, first.close_reason))
-        elif first.close_code in (frames.CLOSE_PROTOCOL_ERROR, frames.CLOSE_INVALID_PAYLOAD,
-                                  frames.CLOSE_MESSAGE_TOO_BIG):
-            self._send_down_control(frames.build_close(first.close_code, first.close_reason))
 
     def _drain(self, up):
         self.draining = True
         deadline = self.drain_timeout
-        self.trace("drain_start", direction="upstream_to_client", graceful=True,
+        self.trace("drain_start", direction=UPSTREAM_TO_CLIENT, graceful=True,
                    wrote_downstream=self.wrote_downstream, timeout_s=deadline)
         started = time.monotonic()
         self._drain_done.wait(deadline)
         waited_ms = int((time.monotonic() - started) * 1000)
         if not self.ledger.in_flight:
-            self.trace("drain_terminal", direction="upstream_to_client", graceful=True,
+            self.trace("drain_terminal", direction=UPSTREAM_TO_CLIENT, graceful=True,
                        wrote_downstream=self.wrote_downstream, waited_ms=waited_ms)
         elif up.dead:
-            self.trace("drain_upstream_lost", direction="upstream_to_client", graceful=False,
+            self.trace("drain_upstream_lost", direction=UPSTREAM_TO_CLIENT, graceful=False,
                        wrote_downstream=self.wrote_downstream, waited_ms=waited_ms, error=up.value and up.value.error)
             self._record(self.ledger.abandon(usage.RELAY_UPSTREAM_LOST, True))
         else:
-            self.trace("drain_timeout", direction="upstream_to_client", graceful=True,
+            self.trace("drain_timeout", direction=UPSTREAM_TO_CLIENT, graceful=True,
                        wrote_downstream=self.wrote_downstream, waited_ms=waited_ms)
             self._record(self.ledger.abandon(usage.RELAY_DRAIN_TIMEOUT, True))
         self.draining = False
 
     def _settle_upstream_exit(self, first, up, down):
         if self.ledger.in_flight:
-            self._record(self.ledger.abandon(usage.RELAY_UPSTREAM_LOST, not self.downstream_open))
+            lost = usage.RELAY_READ_TIMEOUT if first.stage == "upstream_read_timeout" else usage.RELAY_UPSTREAM_LOST
+            self._record(self.ledger.abandon(lost, not self.downstream_open))
+        if first.stage in _UPSTREAM_CLOSE and not self._up_mid_frame:
+            self.upstream_open = True  # still sound: tell it why the relay leaves
+            self._send_up(frames.build_close(*_UPSTREAM_CLOSE[first.stage], mask=True))
+            self.upstream_open = False
         if self.downstream_open:
             if first.stage != "upstream_close":
-                reason = ("upstream protocol error" if first.stage == "upstream_protocol_error"
-                          else "upstream connection lost")
-                self._send_down_control(frames.build_close(frames.CLOSE_INTERNAL_ERROR, reason))
+                self._send_down_control(frames.build_close(*_CLIENT_CLOSE.get(first.stage, _UPSTREAM_LOST)))
             elif not first.close_forwarded:
                 self._send_down_control(frames.build_close(first.close_code, first.close_reason))
             down.join(self.close_timeout)  # the client's close in reply ends the pump (and goes upstream)
-        if first.stage == "upstream_protocol_error" and not self._up_mid_frame:
-            self.upstream_open = True
-            self._send_up(frames.build_close(frames.CLOSE_PROTOCOL_ERROR, first.error or "", mask=True))
 
 
 def _close(sock):

@@ -1,7 +1,10 @@
 """The relay server: routes, authentication, the upstream dial before the 101, and one Session per client."""
 
+import collections
 import json
 import signal
+import ssl
+import time
 
 import gevent
 import gevent.event
@@ -22,7 +25,12 @@ class RelayApp:
         self.tracer = tracer
         self.store = store
         self.keys = auth.KeyRing(config["auth.keys"])
+        self.tls_context = upstream.tls_context(config["upstream.ca_file"])
+        self.allowed_origins = frozenset(o.rstrip("/") for o in config["server.allowed_origins"])
         self.sessions = set()
+        self.per_key = collections.Counter()  # sessions (and dials in progress) per key id
+        self.connections = 0
+        self.accepting = True
 
     # -- plain HTTP ----------------------------------------------------------------------------------------
 
@@ -52,6 +60,11 @@ class RelayApp:
         path = environ.get("PATH_INFO", "")
         if path not in ROUTES:
             return self.refuse(handler, 404, "not_found", "no WebSocket route for %s" % path[:200])
+        if not self.accepting:
+            return self.refuse(handler, 503, "shutting_down", "the relay is shutting down", [("Retry-After", "5")])
+        origin = environ.get("HTTP_ORIGIN")
+        if origin and self.allowed_origins and origin.rstrip("/") not in self.allowed_origins:
+            return self.refuse(handler, 403, "origin_not_allowed", "origin %s is not allowed" % origin[:200])
         client_authorization = environ.get("HTTP_AUTHORIZATION")
         token = auth.bearer_token(client_authorization)
         if self.keys.enabled:
@@ -68,12 +81,31 @@ class RelayApp:
             authorization = client_authorization  # passthrough: the client's own credential goes upstream
         key_id = auth.key_id(token) if token else None
         ws = "gateway.openai_ws."
+        if self.connections >= self.config["server.max_connections"]:
+            return self.refuse(handler, 503, "server_busy", "the relay is at its connection limit (%d)"
+                               % self.config["server.max_connections"], [("Retry-After", "1")])
+        if self.per_key[key_id] >= self.config[ws + "max_ingress_connections_per_api_key"]:
+            return self.refuse(handler, 429, "too_many_connections",
+                               "this key already holds %d concurrent sessions" % self.per_key[key_id],
+                               [("Retry-After", "1")])
+        self.per_key[key_id] += 1
+        self.connections += 1
+        try:
+            self._relay(handler, environ, key_id, authorization)
+        finally:
+            self.connections -= 1
+            self.per_key[key_id] -= 1
+            if not self.per_key[key_id]:
+                del self.per_key[key_id]
+
+    def _relay(self, handler, environ, key_id, authorization):
+        ws = "gateway.openai_ws."
         try:
             up = upstream.dial(self.config["upstream.url"], upstream.select_headers(environ),
                                authorization=authorization,
                                subprotocols=_tokens(environ.get("HTTP_SEC_WEBSOCKET_PROTOCOL")),
                                timeout=self.config["upstream.connect_timeout_seconds"],
-                               ca_file=self.config["upstream.ca_file"],
+                               context=self.tls_context,
                                write_timeout=self.config[ws + "write_timeout_seconds"])
         except upstream.DialError as exc:
             self.tracer.emit("dial_failed", status=exc.status, code=exc.code, error=exc.message, key_id=key_id)
@@ -94,10 +126,18 @@ class RelayApp:
         sock.settimeout(self.config[ws + "write_timeout_seconds"])
         session = Session(sock, up.sock, self.config, self.tracer, self.store, key_id=key_id, initial=initial)
         self.sessions.add(session)
+        if not self.accepting:
+            session.shutdown()
         try:
             session.run()
         finally:
             self.sessions.discard(session)
+
+    def shutdown(self, force=False):
+        """Stop taking sessions; end live ones at their turn's end (``force``: now, draining their turns)."""
+        self.accepting = False
+        for session in list(self.sessions):
+            session.shutdown(force)
 
 
 def _json(start_response, status, payload):
@@ -120,24 +160,50 @@ def make_server(config, tracer, store=None, listener=None):
     """A ready (not yet started) server; ``listener`` overrides ``server.host``/``server.port``."""
     app = RelayApp(config, tracer, store)
     address = listener or (config["server.host"], config["server.port"])
-    server = WSGIServer(address, app, handler_class=RelayHandler, log=None, backlog=config["server.backlog"])
+    tls = {}
+    if config["server.tls_cert"]:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(config["server.tls_cert"], config["server.tls_key"])
+        tls = {"ssl_context": context}
+    server = WSGIServer(address, app, handler_class=RelayHandler, log=None, backlog=config["server.backlog"], **tls)
     server.app = app
+    server.client_error_log = lambda handler, status, error: tracer.emit(
+        "handshake_refused", status=status, code="unparsable_request", error=error[:200], client=_client(handler))
     return server
 
 
+def stop(server, config, tracer, grace=None):
+    """Graceful stop: no new connections; live turns run to their end for up to ``server.shutdown_grace_seconds``,
+    then every client is closed with 1001 and its in-flight turn drained (so it is billed)."""
+    app = server.app
+    grace = config["server.shutdown_grace_seconds"] if grace is None else grace
+    tracer.emit("server_stopping", sessions=len(app.sessions), grace_s=grace)
+    server.close()  # stop accepting; live handlers go on
+    app.shutdown()
+    deadline = time.monotonic() + grace
+    while app.sessions and time.monotonic() < deadline:
+        gevent.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
+    if app.sessions:
+        tracer.emit("server_shutdown_forced", sessions=len(app.sessions))
+        app.shutdown(force=True)
+    ws = "gateway.openai_ws."
+    settle = config[ws + "upstream_drain_timeout_seconds"] + 2 * config[ws + "close_timeout_seconds"] + 1
+    server.stop(timeout=settle)
+
+
 def serve(config, tracer, store):
-    """Run until SIGTERM or SIGINT: stop accepting, let live sessions end, flush the usage store."""
+    """Run until SIGTERM (graceful) or SIGINT (no grace for live turns; they are still drained and billed)."""
     server = make_server(config, tracer, store)
     server.start()
     host, port = server.address[:2]
     tracer.emit("server_listening", host=host, port=port, upstream=config["upstream.url"],
-                auth="keys" if server.app.keys.enabled else "passthrough")
-    stop = gevent.event.Event()
+                auth="keys" if server.app.keys.enabled else "passthrough",
+                tls=bool(config["server.tls_cert"]))
+    signalled = gevent.event.AsyncResult()
     for signum in (signal.SIGTERM, signal.SIGINT):
-        gevent.signal_handler(signum, stop.set)
-    stop.wait()
-    tracer.emit("server_stopping", sessions=len(server.app.sessions))
-    server.stop(timeout=config["gateway.openai_ws.close_timeout_seconds"])
+        gevent.signal_handler(signum, signalled.set, signum)
+    signum = signalled.get()
+    stop(server, config, tracer, grace=None if signum == signal.SIGTERM else 0)
     if store is not None:
         store.close()
     tracer.emit("server_stopped")

@@ -32,7 +32,12 @@ BUFFER_SIZE = 16 * 1024
 
 @dataclass(frozen=True)
 class Exit:
-    """How a session's first side ended.  ``side`` is the connection that ended: ``client`` or ``upstream``."""
+    """How a session's first side ended.
+
+    ``side`` is the connection that ended (``client`` or ``upstream``; the relay's own timers and shutdown end
+    the client side).  ``close_code``/``close_reason``: for ``client_close`` and ``upstream_close`` the code the
+    peer sent; for any other client-side end the close the relay sends the client (None: no close frame).
+    """
 
     stage: str
     direction: str
@@ -62,6 +67,9 @@ class Splice:
         self.ping_timeout = config[ws + "passthrough_downstream_ping_timeout_seconds"]
         self.drain_timeout = config[ws + "upstream_drain_timeout_seconds"]
         self.read_limit = config[ws + "client_read_limit_bytes"]
+        self.first_message_timeout = config[ws + "client_first_message_timeout_seconds"]
+        self.idle_timeout = config[ws + "ingress_inter_turn_idle_timeout_seconds"]
+        self.read_timeout = config[ws + "read_timeout_seconds"]
         self.close_timeout = config[ws + "close_timeout_seconds"]
         self.max_event_bytes = config["usage.max_event_bytes"]
         self.ledger = usage.TurnLedger(self.id, key_id)
@@ -71,7 +79,11 @@ class Splice:
         self.draining = False
         self.wrote_downstream = False
         self.first_business_write = Event()
-        self.last_downstream_write = time.monotonic()
+        self.started = self.last_downstream_write = self.last_upstream_read = time.monotonic()
+        self.turns_started = 0
+        self.turn_ended_at = None
+        self.turn_changed = Event()  # wakes the session timers when a turn starts or ends
+        self.shutting_down = False
         self.pong_event = Event()
         self.expected_pong = None
         self._down_lock = Semaphore()
@@ -145,6 +157,14 @@ class Splice:
                 return False
         return True
 
+    def shutdown(self, force=False):
+        """The server is stopping: close the client with 1001 now if no turn is in flight (or ``force``),
+        else as soon as the turn's terminal event has been forwarded."""
+        self.shutting_down = True
+        if force or not self.ledger.in_flight:
+            self._report(Exit("server_shutdown", CLIENT_TO_UPSTREAM, "client", True,
+                              close_code=frames.CLOSE_GOING_AWAY, close_reason="server shutting down"))
+
     def send_ping(self, payload, interval):
         """Write a Ping at a frame boundary; returns its send time, or None if a write made it unnecessary."""
         if not self.ping_supported:
@@ -204,6 +224,7 @@ class Splice:
                 return self._report(Exit("upstream_eof", UPSTREAM_TO_CLIENT, "upstream", False,
                                          error="upstream closed the connection without a close frame"))
             end += n
+            self.last_upstream_read = time.monotonic()
             pos = 0
             flush_from = 0
             business = False
@@ -270,7 +291,13 @@ class Splice:
         event = usage.parse_event(payload)
         if event is None:
             return
+        in_flight = self.ledger.in_flight
         self._record(self.ledger.on_event(event, client_disconnected=not self.downstream_open))
+        if in_flight and not self.ledger.in_flight:
+            self.turn_ended_at = time.monotonic()
+            self.turn_changed.set()
+            if self.shutting_down:
+                self.shutdown()
 
     # -- client -> upstream --------------------------------------------------------------------------------
 
@@ -391,6 +418,8 @@ class Splice:
     def _start_turns(self, models):
         # A turn starts once its whole request has reached the upstream: a request cut short starts nothing.
         for model in models:
+            self.turns_started += 1
+            self.turn_changed.set()
             self._record(self.ledger.start_turn(model))
             self.trace("turn_start", direction=CLIENT_TO_UPSTREAM, model=model)
         del models[:]

@@ -24,6 +24,7 @@ TERMINAL_EVENTS = frozenset({
 RELAY_UPSTREAM_LOST = "wsrelay.upstream_lost"
 RELAY_DRAIN_TIMEOUT = "wsrelay.drain_timeout"
 RELAY_SESSION_CLOSED = "wsrelay.session_closed"
+RELAY_READ_TIMEOUT = "wsrelay.read_timeout"
 
 _TYPE_KEY = b'"type"'
 _TERMINAL_QUOTED = frozenset(b'"' + t.encode("ascii") + b'"' for t in TERMINAL_EVENTS)

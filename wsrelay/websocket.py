@@ -11,6 +11,7 @@ socket and any bytes read along with the request are handed over — the relay s
 import base64
 import binascii
 import hashlib
+import http.client
 import json
 import socket
 
@@ -19,7 +20,7 @@ from geventwebsocket.handler import WebSocketHandler
 GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 SUPPORTED_VERSION = "13"
 
-_REASONS = {400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
+_REASONS = {400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found", 414: "URI Too Long",
             405: "Method Not Allowed", 426: "Upgrade Required", 429: "Too Many Requests",
             431: "Request Header Fields Too Large", 500: "Internal Server Error", 502: "Bad Gateway",
             503: "Service Unavailable", 504: "Gateway Timeout"}
@@ -30,6 +31,14 @@ def error_body(status, code, message):
     """OpenAI's error shape: ``{"error": {"message", "type", "code"}}``."""
     kind = _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
     return json.dumps({"error": {"message": message, "type": kind, "code": code}}).encode("utf-8")
+
+
+def _error_response(status, code, message):
+    """A whole HTTP error response (for pywsgi's pre-WSGI error path, which writes raw bytes)."""
+    body = error_body(status, code, message)
+    head = ("HTTP/1.1 %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\nConnection: close\r\n\r\n"
+            % (status_line(status), len(body)))
+    return str(status), head.encode("latin-1") + body
 
 
 def status_line(status):
@@ -144,6 +153,26 @@ class RelayHandler(WebSocketHandler):
         finally:
             sock.settimeout(timeout)
         return sock, initial
+
+    def handle_one_request(self):
+        result = super().handle_one_request()
+        if isinstance(result, tuple) and result[0] == "414":
+            return _error_response(414, "request_line_too_long", "the request line is too long")
+        return result
+
+    def _handle_client_error(self, ex):
+        """A request pywsgi could not parse: a status with a JSON body (pywsgi sends none) and one log line
+        (pywsgi prints a traceback for some of them)."""
+        text = str(ex)
+        if isinstance(ex, http.client.HTTPException) or "Line too long" in text:
+            status, code, message = 431, "headers_too_large", "the request headers are too large or too many"
+        else:
+            status, code, message = 400, "bad_request", "the request could not be parsed as HTTP/1.1"
+        log = getattr(self.server, "client_error_log", None)
+        if log is not None:
+            log(self, status, text)
+        self.close_connection = True
+        return _error_response(status, code, message)
 
     def log_request(self):
         log = getattr(self.server, "request_log", None)

@@ -1,0 +1,234 @@
+"""Limits, origins, session timers, TLS on both sides, and secrets that never leak."""
+
+import io
+import json
+import os
+import ssl
+import subprocess
+
+import gevent
+import pytest
+from gevent.pywsgi import WSGIServer
+
+from tests.conftest import connect, raw_request
+from wsrelay import frames, trace
+from wsrelay.fake_upstream import ConnectionClosed, FakeUpstream, FrameSocket
+from wsrelay.frames import OP_CLOSE, OP_PING, OP_PONG, OP_TEXT
+from wsrelay.websocket import RelayHandler
+
+pytestmark = pytest.mark.timeout(30)
+
+WS = "gateway__openai_ws__"
+CREATE = json.dumps({"type": "response.create", "model": "gpt-test", "input": []}).encode()
+
+
+def read_close(peer, timeout=5.0, answer_pings=True):
+    """Read until a close frame; returns its (code, reason) (None, "") for an empty one, or 'eof'."""
+    with gevent.Timeout(timeout, AssertionError("no close frame within %ss" % timeout)):
+        while True:
+            try:
+                fin, opcode, payload = peer.read_frame()
+            except (ConnectionClosed, OSError):
+                return "eof"
+            if opcode == OP_CLOSE:
+                return frames.parse_close(payload)
+            if opcode == OP_PING and answer_pings:
+                peer.send(OP_PONG, payload)
+
+
+def read_until(peer, marker, timeout=5.0):
+    with gevent.Timeout(timeout, AssertionError("no %r within %ss" % (marker, timeout))):
+        while True:
+            fin, opcode, payload = peer.read_frame()
+            if opcode == OP_PING:
+                peer.send(OP_PONG, payload)
+            elif marker in payload:
+                return payload
+
+
+# -- limits ----------------------------------------------------------------------------------------------------
+
+def test_per_key_connection_cap_answers_429_with_retry_after_before_the_upgrade(fake, relay, tracer):
+    app, url = fake()
+    relay_url = relay(url, **{WS + "max_ingress_connections_per_api_key": 2})
+    alice = [("Authorization", "Bearer key-alice")]
+    first, second = connect(relay_url, alice), connect(relay_url, alice)
+    sock, status, headers, body = raw_request(relay_url, alice)
+    assert status == 429 and headers["retry-after"] == "1"
+    assert json.loads(body)["error"]["code"] == "too_many_connections"
+    assert len(app.handshakes) == 2, "the refused client must not cost an upstream connection"
+    # Another key is not affected, and a freed slot is usable again.
+    connect(relay_url, [("Authorization", "Bearer key-bob")])
+    first.close(1000)
+    assert read_close(first) == (1000, "")
+    tracer.wait_for("relay_complete")
+    with gevent.Timeout(5):
+        while True:
+            sock, status, headers, body = raw_request(relay_url, alice)
+            if status == 101:
+                break
+            gevent.sleep(0.01)  # the slot is given back when the session's handler returns
+    second.close(1000)
+
+
+def test_global_connection_limit_answers_503(fake, relay):
+    _, url = fake()
+    relay_url = relay(url, server__max_connections=1)
+    connect(relay_url)
+    sock, status, headers, body = raw_request(relay_url)
+    assert status == 503 and headers["retry-after"]
+    assert json.loads(body)["error"]["code"] == "server_busy"
+
+
+def test_allowed_origins_refuse_other_browser_origins_but_not_origin_less_clients(fake, relay):
+    _, url = fake()
+    relay_url = relay(url, server__allowed_origins=["https://app.example.com"])
+    sock, status, headers, body = raw_request(relay_url, [("Origin", "https://evil.example.net")])
+    assert status == 403 and json.loads(body)["error"]["code"] == "origin_not_allowed"
+    connect(relay_url, [("Origin", "https://app.example.com")])
+    connect(relay_url)  # Codex and the SDKs send no Origin
+
+
+# -- session timers ----------------------------------------------------------------------------------------------
+
+def test_idle_session_is_closed_even_while_pings_keep_it_alive(fake, relay, tracer, store):
+    _, url = fake()
+    client = connect(relay(url, **{WS + "ingress_inter_turn_idle_timeout_seconds": 0.6,
+                                   WS + "passthrough_downstream_ping_interval_seconds": 0.1,
+                                   WS + "passthrough_downstream_ping_timeout_seconds": 0.05}))
+    client.send(OP_TEXT, CREATE)
+    read_until(client, b'"response.completed"')
+    assert read_close(client) == (1000, "websocket idle timeout")
+    assert len(tracer.find("downstream_ping_ok")) >= 3  # pinged all along, closed anyway
+    first = tracer.wait_for("first_exit")
+    assert first["cause"] == "idle_timeout" and first["graceful"] is True
+    assert len(store.records) == 1
+
+
+def test_client_sending_no_request_is_closed_with_1008(fake, relay, tracer, store):
+    app, url = fake()
+    client = connect(relay(url, **{WS + "client_first_message_timeout_seconds": 0.3}))
+    assert read_close(client) == (1008, "no request received")
+    assert tracer.wait_for("first_exit")["cause"] == "client_first_message_timeout"
+    tracer.wait_for("relay_complete")
+    assert app.closes == [(1000, "client sent no request")]
+    assert store.records == []
+
+
+def test_turn_with_a_silent_upstream_is_given_up_after_the_read_timeout(fake, relay, tracer, store):
+    _, url = fake(silence=5)
+    client = connect(relay(url, **{WS + "read_timeout_seconds": 0.5}))
+    client.send(OP_TEXT, CREATE)
+    read_until(client, b"delta")
+    assert read_close(client) == (1001, "upstream read timeout")
+    first = tracer.wait_for("first_exit")
+    assert first["cause"] == "upstream_read_timeout" and first["side"] == "upstream"
+    record = store.wait(1)[0]
+    assert record["terminal_event"] == "wsrelay.read_timeout" and record["client_disconnected"] is False
+
+
+# -- TLS ---------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory):
+    """A self-signed certificate for 127.0.0.1 made with the openssl command line."""
+    directory = tmp_path_factory.mktemp("tls")
+    cert, key = str(directory / "cert.pem"), str(directory / "key.pem")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", key, "-out", cert],
+                   check=True, capture_output=True)
+    return cert, key
+
+
+def tls_connect(url, cafile):
+    """A raw client over TLS: the handshake by hand, then FrameSocket over the TLS socket."""
+    import socket
+    hostport, _, path = url[len("wss://"):].partition("/")
+    host, _, port = hostport.partition(":")
+    context = ssl.create_default_context(cafile=cafile)
+    sock = context.wrap_socket(socket.create_connection((host, int(port)), timeout=10), server_hostname=host)
+    key = "dGhlIHNhbXBsZSBub25jZQ=="
+    sock.sendall(("GET /%s HTTP/1.1\r\nHost: %s\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                  "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: %s\r\n\r\n" % (path, hostport, key)).encode())
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += sock.recv(4096)
+    head, _, rest = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 101"), head
+    return FrameSocket(sock, rest, client=True)
+
+
+def test_relay_serves_wss_with_its_own_certificate(fake, relay, certificate, store):
+    cert, key = certificate
+    _, url = fake(silence=0.5)
+    relay_url = relay(url, server__tls_cert=cert, server__tls_key=key,
+                      **{WS + "passthrough_downstream_ping_interval_seconds": 0.2,
+                         WS + "passthrough_downstream_ping_timeout_seconds": 0.1})
+    client = tls_connect(relay_url.replace("ws://", "wss://"), cert)
+    client.send(OP_TEXT, CREATE)
+    read_until(client, b'"response.completed"')
+    assert store.wait(1)[0]["terminal_event"] == "response.completed"
+
+
+@pytest.fixture
+def tls_upstream(certificate):
+    cert, key = certificate
+    app = FakeUpstream()
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    srv = WSGIServer(("127.0.0.1", 0), app, handler_class=RelayHandler, log=None, ssl_context=context)
+    srv.start()
+    yield app, "wss://127.0.0.1:%d/v1/responses" % srv.server_port
+    srv.stop(timeout=1)
+
+
+def test_upstream_certificate_is_verified_and_a_self_signed_one_is_refused(tls_upstream, relay, tracer):
+    _, url = tls_upstream
+    sock, status, headers, body = raw_request(relay(url))
+    assert status == 502 and json.loads(body)["error"]["code"] == "upstream_tls_error"
+    assert tracer.find("dial_failed")[0]["code"] == "upstream_tls_error"
+
+
+def test_upstream_ca_file_adds_a_trusted_ca(tls_upstream, relay, certificate, store):
+    _, url = tls_upstream
+    client = connect(relay(url, upstream__ca_file=certificate[0]))
+    client.send(OP_TEXT, CREATE)
+    read_until(client, b'"response.completed"')
+    assert store.wait(1)[0]["terminal_event"] == "response.completed"
+
+
+# -- secrets -----------------------------------------------------------------------------------------------------
+
+def test_keys_never_reach_traces_error_bodies_or_client_frames(start_server, relay, tracer, store, monkeypatch):
+    relay_key, upstream_key = "rk-DISTINCTIVE-relay-7f3a", "sk-DISTINCTIVE-upstream-91bc"
+    lines = io.StringIO()
+    text_tracer = trace.Tracer(stream=lines)
+    tracer.listeners.append(lambda stage, fields: text_tracer.emit(stage, **fields))
+    app = FakeUpstream(require_authorization="Bearer " + upstream_key,
+                       response_headers=[("Set-Cookie", "sid=%s; Domain=127.0.0.1" % upstream_key)])
+    url = "ws://127.0.0.1:%d/v1/responses" % start_server(app)
+    monkeypatch.setenv("WSRELAY_TEST_UPSTREAM_KEY", upstream_key)
+    relay_url = relay(url, auth__keys=[relay_key], upstream__api_key_env="WSRELAY_TEST_UPSTREAM_KEY")
+    seen = []
+    for presented in ("Bearer " + relay_key, "Bearer wrong-" + relay_key, None):
+        headers = [("Authorization", presented), ("Cookie", "c=" + relay_key)] if presented else []
+        sock, status, response_headers, body = raw_request(relay_url, headers)
+        seen.append(json.dumps(response_headers).encode() + body)
+        if status == 101:
+            client = FrameSocket(sock, body, client=True)
+            client.send(OP_TEXT, CREATE)
+            with gevent.Timeout(5):
+                while True:
+                    fin, opcode, payload = client.read_frame()
+                    seen.append(payload)
+                    if b'"response.completed"' in payload:
+                        break
+            client.close(1000)
+    store.wait(1)
+    seen.append(lines.getvalue().encode())
+    seen.append(json.dumps(store.records).encode())
+    blob = b"\n".join(seen)
+    assert relay_key.encode() not in blob and upstream_key.encode() not in blob
+    assert app.handshakes[0]["authorization"] == "Bearer " + upstream_key
+    assert all("cookie" not in h for h in app.handshakes)
+    assert os.environ["WSRELAY_TEST_UPSTREAM_KEY"] == upstream_key
