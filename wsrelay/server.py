@@ -37,7 +37,10 @@ class RelayApp:
     def __call__(self, environ, start_response):
         path = environ.get("PATH_INFO", "")
         if path == "/healthz":
-            return _json(start_response, 200, {"status": "ok", "sessions": len(self.sessions)})
+            state = {"status": "ok" if self.accepting else "stopping", "sessions": len(self.sessions)}
+            if environ.get("QUERY_STRING") == "detail=1":
+                state.update(_process_state())  # walks the heap: for diagnostics and soak tests, not probes
+            return _json(start_response, 200, state)
         if path in ROUTES:
             body = error_body(426, "websocket_required",
                               "%s is a WebSocket endpoint: connect with an Upgrade: websocket request" % path)
@@ -145,6 +148,19 @@ def _json(start_response, status, payload):
     start_response(status_line(status) if status != 200 else "200 OK",
                    [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
     return [body]
+
+
+def _process_state():
+    import gc
+    import os
+
+    from greenlet import greenlet
+
+    try:
+        fds = len(os.listdir("/proc/self/fd"))
+    except OSError:
+        fds = None
+    return {"greenlets": sum(1 for o in gc.get_objects() if isinstance(o, greenlet)), "open_fds": fds}
 
 
 def _tokens(value):
