@@ -29,6 +29,7 @@ class RecordingTracer(NullTracer):
         self._changed = gevent.event.Event()
 
     def emit(self, stage, **fields):
+        super().emit(stage, **fields)
         self.events.append((stage, fields))
         self._changed.set()
 
@@ -49,6 +50,9 @@ class RecordingTracer(NullTracer):
 
 class ListStore:
     """A usage store that keeps records in memory (the real one is tested on its own)."""
+
+    queue_depth = 0
+    failures = 0
 
     def __init__(self):
         self.records = []
@@ -178,8 +182,10 @@ def relay(tracer, store):
         srv = server.make_server(cfg, tracer, store, listener=("127.0.0.1", 0))
         srv.start()
         servers.append(srv)
+        start.apps.append(srv.app)
         return "ws://127.0.0.1:%d/v1/responses" % srv.server_port
 
+    start.apps = []  # the RelayApp of each relay started, in order
     yield start
     for srv in servers:
         srv.stop(timeout=1)

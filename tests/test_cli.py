@@ -389,3 +389,24 @@ def test_serve_stops_on_sigterm_with_a_session_open(tmp_path, fake, serve):
     finally:
         ws.close()
     assert code == 0, served.stderr()
+
+
+def test_serve_exposes_metrics_on_a_separate_listener(tmp_path, fake, serve):
+    import urllib.request
+
+    _, up_url = fake()
+    port, metrics_port = free_port(), free_port()
+    path = good_config(tmp_path, extra="server:\n  metrics_listen: 127.0.0.1:%d\n" % metrics_port)
+    served = serve("--config", path, "--port", port, "--upstream", up_url)
+    served.wait_listening(port)
+    assert run_turn("ws://127.0.0.1:%d/v1/responses" % port)["type"] == "response.completed"
+    base = "http://127.0.0.1:%d" % metrics_port
+    with urllib.request.urlopen(base + "/metrics", timeout=5) as response:
+        text = response.read().decode()
+    assert 'wsrelay_handshakes_total{status="101"} 1.0' in text
+    with urllib.request.urlopen(base + "/readyz", timeout=5) as response:
+        assert response.status == 200
+    with pytest.raises(urllib.error.HTTPError) as missing:
+        urllib.request.urlopen(base + "/v1/responses", timeout=5)
+    assert missing.value.code == 404
+    assert served.terminate() == 0

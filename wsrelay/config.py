@@ -93,6 +93,9 @@ SETTINGS = (
     Setting("server.tls_cert", str, None, "PEM certificate (chain) to serve wss:// directly; needs server.tls_key.",
             nullable=True),
     Setting("server.tls_key", str, None, "PEM private key for server.tls_cert.", nullable=True),
+    Setting("server.metrics_listen", str, None,
+            "host:port for a separate listener serving only /metrics, /healthz and /readyz (e.g. 127.0.0.1:9108). "
+            "They are always served on the main listener too.", nullable=True),
     Setting("server.shutdown_grace_seconds", float, 30.0,
             "On SIGTERM, how long live turns may run to their end before their clients are closed with 1001 "
             "(their upstreams are then drained so the turns are still billed).", minimum=0),
@@ -242,6 +245,11 @@ def _cross_check(values):
     for name in ("server.tls_cert", "server.tls_key", "upstream.ca_file"):
         if values[name] and not os.access(values[name], os.R_OK):
             problems.append("%s: cannot read %s" % (name, values[name]))
+    listen = values["server.metrics_listen"]
+    if listen:
+        host, _, port = listen.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            problems.append("server.metrics_listen: must be host:port, got %r" % listen)
     url = values["upstream.url"]
     if not (url.startswith("ws://") or url.startswith("wss://")):
         problems.append("upstream.url: must start with ws:// or wss://, got %r" % url)

@@ -11,6 +11,7 @@ import gevent.event
 from gevent.pywsgi import WSGIServer
 
 from . import auth, upstream
+from .metrics import Metrics
 from .relay import Session
 from .websocket import RelayHandler, error_body, status_line
 
@@ -31,6 +32,8 @@ class RelayApp:
         self.per_key = collections.Counter()  # sessions (and dials in progress) per key id
         self.connections = 0
         self.accepting = True
+        self.metrics = Metrics(self, store)
+        tracer.listeners.append(self.metrics.observe)
 
     # -- plain HTTP ----------------------------------------------------------------------------------------
 
@@ -41,6 +44,13 @@ class RelayApp:
             if environ.get("QUERY_STRING") == "detail=1":
                 state.update(_process_state())  # walks the heap: for diagnostics and soak tests, not probes
             return _json(start_response, 200, state)
+        if path == "/readyz":
+            return _json(start_response, 200 if self.accepting else 503,
+                         {"ready": self.accepting, "sessions": len(self.sessions)})
+        if path == "/metrics":
+            content_type, body = self.metrics.render()
+            start_response("200 OK", [("Content-Type", content_type), ("Content-Length", str(len(body)))])
+            return [body]
         if path in ROUTES:
             body = error_body(426, "websocket_required",
                               "%s is a WebSocket endpoint: connect with an Upgrade: websocket request" % path)
@@ -135,6 +145,7 @@ class RelayApp:
             session.run()
         finally:
             self.sessions.discard(session)
+            self.metrics.session_finished(session)
 
     def shutdown(self, force=False):
         """Stop taking sessions; end live ones at their turn's end (``force``: now, draining their turns)."""
@@ -145,9 +156,22 @@ class RelayApp:
 
 def _json(start_response, status, payload):
     body = json.dumps(payload).encode("utf-8")
-    start_response(status_line(status) if status != 200 else "200 OK",
+    start_response("200 OK" if status == 200 else status_line(status),
                    [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
     return [body]
+
+
+def _ops_only(app):
+    """The WSGI app of the separate metrics listener: /metrics, /healthz and /readyz only."""
+
+    def ops(environ, start_response):
+        if environ.get("PATH_INFO") in ("/metrics", "/healthz", "/readyz"):
+            return app(environ, start_response)
+        body = error_body(404, "not_found", "this listener serves /metrics, /healthz and /readyz")
+        start_response(status_line(404), [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
+        return [body]
+
+    return ops
 
 
 def _process_state():
@@ -211,6 +235,12 @@ def serve(config, tracer, store):
     """Run until SIGTERM (graceful) or SIGINT (no grace for live turns; they are still drained and billed)."""
     server = make_server(config, tracer, store)
     server.start()
+    side = None
+    if config["server.metrics_listen"]:
+        host, _, port = config["server.metrics_listen"].rpartition(":")
+        side = WSGIServer((host.strip("[]"), int(port)), _ops_only(server.app), log=None)
+        side.start()
+        tracer.emit("metrics_listening", host=host, port=side.server_port)
     host, port = server.address[:2]
     tracer.emit("server_listening", host=host, port=port, upstream=config["upstream.url"],
                 auth="keys" if server.app.keys.enabled else "passthrough",
@@ -220,6 +250,8 @@ def serve(config, tracer, store):
         gevent.signal_handler(signum, signalled.set, signum)
     signum = signalled.get()
     stop(server, config, tracer, grace=None if signum == signal.SIGTERM else 0)
+    if side is not None:
+        side.stop(timeout=1)
     if store is not None:
         store.close()
     tracer.emit("server_stopped")

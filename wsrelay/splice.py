@@ -94,6 +94,8 @@ class Splice:
         self._drain_done = Event()
         self.bytes_to_upstream = 0
         self.bytes_to_client = 0
+        self.frames_to_upstream = 0   # frames read from each side (control frames the relay consumes included)
+        self.frames_to_client = 0
 
     # -- shared plumbing -----------------------------------------------------------------------------------
 
@@ -243,6 +245,7 @@ class Splice:
                 header = frames.parse_header(buf, pos, end)
                 if header is None:
                     break
+                self.frames_to_client += 1
                 fin, rsv, opcode, mask_key, length, header_length = header
                 try:
                     frames.check_header(rsv, opcode, fin, length, mask_key, expect_masked=False)
@@ -349,6 +352,7 @@ class Splice:
                 header = frames.parse_header(buf, pos, end)
                 if header is None:
                     break
+                self.frames_to_upstream += 1
                 fin, rsv, opcode, mask_key, length, header_length = header
                 try:
                     frames.check_header(rsv, opcode, fin, length, mask_key, expect_masked=True)

@@ -1,0 +1,134 @@
+"""Prometheus metrics, derived from the trace.
+
+Every life-cycle stage is already a trace event, so the metrics listen to the tracer instead of adding code to
+the relay's paths; what is live (bytes and frames of open sessions, the usage store's queue) is read at scrape
+time.  Served as ``GET /metrics`` (and on ``server.metrics_listen`` when set).
+"""
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+TOKEN_KINDS = ("input_tokens", "output_tokens", "cached_tokens", "reasoning_tokens", "image_tokens")
+DIRECTIONS = ("client_to_upstream", "upstream_to_client")
+
+
+class Metrics:
+    """The relay's metrics; ``observe`` is a tracer listener, ``render`` the exposition."""
+
+    def __init__(self, app=None, store=None):
+        self.app = app
+        self.store = store
+        self.registry = registry = CollectorRegistry(auto_describe=True)
+        self.handshakes = Counter("wsrelay_handshakes", "WebSocket handshakes by HTTP status answered (101: relayed)",
+                                  ["status"], registry=registry)
+        self.dial_seconds = Histogram("wsrelay_upstream_dial_seconds", "Upstream WebSocket dial time (TCP+TLS+handshake)",
+                                      buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10), registry=registry)
+        self.dial_failures = Counter("wsrelay_upstream_dial_failures", "Failed upstream dials by error code",
+                                     ["code"], registry=registry)
+        self.pings = Counter("wsrelay_downstream_pings", "Downstream keepalive Pings by outcome (ok, failed, "
+                             "unsupported)", ["outcome"], registry=registry)
+        self.pong_rtt = Histogram("wsrelay_downstream_pong_rtt_seconds", "Time from a keepalive Ping to its Pong",
+                                  buckets=(.001, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5), registry=registry)
+        self.drains = Counter("wsrelay_drains", "Upstream drains after a client left mid-turn, by outcome "
+                              "(terminal, timeout, upstream_lost)", ["outcome"], registry=registry)
+        self.exits = Counter("wsrelay_session_exits", "Sessions by what ended them first", ["cause", "side"],
+                             registry=registry)
+        self.turns = Counter("wsrelay_turns", "Recorded turns by terminal event", ["terminal_event"],
+                             registry=registry)
+        self.tokens = Counter("wsrelay_usage_tokens", "Recorded tokens by model and kind", ["model", "kind"],
+                              registry=registry)
+        self._completed = {"bytes": dict.fromkeys(DIRECTIONS, 0), "frames": dict.fromkeys(DIRECTIONS, 0)}
+        registry.register(_LiveCollector(self))
+
+    def observe(self, stage, fields):
+        """Tracer listener: one trace event in, the matching metric updates out."""
+        handler = _HANDLERS.get(stage)
+        if handler is not None:
+            handler(self, fields)
+
+    def session_finished(self, session):
+        """Fold a finished session's byte and frame counts into the totals (live ones are read at scrape)."""
+        bytes_, frames = self._completed["bytes"], self._completed["frames"]
+        bytes_["client_to_upstream"] += session.bytes_to_upstream
+        bytes_["upstream_to_client"] += session.bytes_to_client
+        frames["client_to_upstream"] += session.frames_to_upstream
+        frames["upstream_to_client"] += session.frames_to_client
+
+    def render(self):
+        return CONTENT_TYPE_LATEST, generate_latest(self.registry)
+
+
+def _dial_ok(metrics, fields):
+    metrics.handshakes.labels("101").inc()
+    metrics.dial_seconds.observe(fields.get("dial_ms", 0) / 1000.0)
+
+
+def _dial_failed(metrics, fields):
+    metrics.dial_failures.labels(str(fields.get("code"))).inc()
+
+
+def _refused(metrics, fields):
+    metrics.handshakes.labels(str(fields.get("status"))).inc()
+
+
+def _ping_ok(metrics, fields):
+    metrics.pings.labels("ok").inc()
+    metrics.pong_rtt.observe(fields.get("rtt_ms", 0) / 1000.0)
+
+
+def _first_exit(metrics, fields):
+    metrics.exits.labels(str(fields.get("cause")), str(fields.get("side"))).inc()
+
+
+def _usage(metrics, fields):
+    metrics.turns.labels(str(fields.get("terminal_event"))).inc()
+    model = str(fields.get("model") or "unknown")
+    for kind in TOKEN_KINDS:
+        value = fields.get(kind)
+        if value:
+            metrics.tokens.labels(model, kind).inc(value)
+
+
+_HANDLERS = {
+    "dial_ok": _dial_ok,
+    "dial_failed": _dial_failed,
+    "handshake_refused": _refused,
+    "downstream_ping_ok": _ping_ok,
+    "downstream_ping_failed": lambda m, f: m.pings.labels("failed").inc(),
+    "downstream_ping_unsupported": lambda m, f: m.pings.labels("unsupported").inc(),
+    "drain_terminal": lambda m, f: m.drains.labels("terminal").inc(),
+    "drain_timeout": lambda m, f: m.drains.labels("timeout").inc(),
+    "drain_upstream_lost": lambda m, f: m.drains.labels("upstream_lost").inc(),
+    "first_exit": _first_exit,
+    "usage_recorded": _usage,
+}
+
+
+class _LiveCollector:
+    """What is read at scrape time: live sessions, bytes and frames (finished plus live), the usage store."""
+
+    def __init__(self, metrics):
+        self.metrics = metrics
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        metrics = self.metrics
+        sessions = list(metrics.app.sessions) if metrics.app is not None else []
+        yield GaugeMetricFamily("wsrelay_sessions", "Live relay sessions", value=len(sessions))
+        live = {"bytes": {"client_to_upstream": sum(s.bytes_to_upstream for s in sessions),
+                          "upstream_to_client": sum(s.bytes_to_client for s in sessions)},
+                "frames": {"client_to_upstream": sum(s.frames_to_upstream for s in sessions),
+                           "upstream_to_client": sum(s.frames_to_client for s in sessions)}}
+        for name, doc in (("bytes", "Bytes relayed by direction"), ("frames", "Frames relayed by direction")):
+            family = CounterMetricFamily("wsrelay_relayed_" + name, doc, labels=["direction"])
+            for direction in DIRECTIONS:
+                family.add_metric([direction], metrics._completed[name][direction] + live[name][direction])
+            yield family
+        store = metrics.store
+        if store is not None:
+            yield GaugeMetricFamily("wsrelay_usage_store_queue_depth", "Usage records not yet durable",
+                                    value=store.queue_depth)
+            yield CounterMetricFamily("wsrelay_usage_store_failures", "Failed usage database batch writes",
+                                      value=store.failures)
