@@ -6,7 +6,11 @@ as greenlets of one hub; a test blocking on a socket lets the servers run.
 
 import base64
 import os
+import signal
 import socket
+import subprocess
+import sys
+import time
 
 import gevent
 import gevent.event
@@ -250,3 +254,74 @@ def connect(url, headers=(), extra=b""):
     peer = FrameSocket(sock, rest, client=True)
     peer.response_headers = response_headers
     return peer
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class Served:
+    """A ``wsrelay serve`` process; its standard error is collected as it comes."""
+
+    def __init__(self, *args, env=None):
+        self.proc = subprocess.Popen([sys.executable, "-m", "wsrelay", "serve"] + [str(a) for a in args],
+                                     cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        self.lines = []
+        self.reader = gevent.spawn(self._read)
+
+    def _read(self):
+        for line in self.proc.stderr:
+            self.lines.append(line.rstrip("\n"))
+
+    def stderr(self):
+        return "\n".join(self.lines)
+
+    def wait_listening(self, port, timeout=15.0):
+        """Until the trace says it listens and the port accepts a connection."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError("wsrelay serve exited with %s: %s" % (self.proc.returncode, self.stderr()))
+            if any("stage=server_listening" in line for line in self.lines):
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                    return
+                except OSError:
+                    pass
+            gevent.sleep(0.05)
+        raise AssertionError("wsrelay serve did not listen on %d: %s" % (port, self.stderr()))
+
+    def terminate(self, timeout=5.0):
+        """SIGTERM; returns the exit status (the process must end within ``timeout``)."""
+        started = time.monotonic()
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            code = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise AssertionError("wsrelay serve ignored SIGTERM for %ss: %s" % (timeout, self.stderr()))
+        self.reader.join(timeout=2)
+        self.elapsed = time.monotonic() - started
+        return code
+
+    def kill(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.reader.kill()
+        self.proc.stdout.close()
+        self.proc.stderr.close()
+
+
+@pytest.fixture
+def serve():
+    started = []
+
+    def start(*args, env=None):
+        served = Served(*args, env=env)
+        started.append(served)
+        return served
+
+    yield start
+    for served in started:
+        served.kill()

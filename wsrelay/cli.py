@@ -35,7 +35,8 @@ def serve(config_path, host, port, upstream):
     from .store import UsageStore
     from .trace import Tracer
 
-    cfg = _load(config_path, {"server.host": host, "server.port": port, "upstream.url": upstream})
+    overrides = {"server.host": host, "server.port": port, "upstream.url": upstream}
+    cfg = _load(config_path, overrides)
     tracer = Tracer(path=cfg["trace.path"])
     store = UsageStore(cfg["usage.sqlite_path"], cfg.usage_fallback_path, trace=tracer)
     try:
@@ -43,7 +44,7 @@ def serve(config_path, host, port, upstream):
     except Exception as exc:  # the relay still runs: records then wait in the fallback file
         tracer.emit("usage_store_failed", error=str(exc))
     try:
-        sys.exit(run(cfg, tracer, store))
+        sys.exit(run(cfg, tracer, store, reload=lambda: config_mod.load(config_path, overrides)))
     except OSError as exc:
         click.echo("wsrelay: cannot listen on %s:%s: %s" % (cfg["server.host"], cfg["server.port"],
                                                             exc.strerror or exc), err=True)

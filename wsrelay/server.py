@@ -11,7 +11,9 @@ import gevent.event
 from gevent.pywsgi import WSGIServer
 
 from . import auth, upstream
+from .config import ConfigError
 from .metrics import Metrics
+from .systemd import Notifier
 from .relay import Session
 from .websocket import RelayHandler, error_body, status_line
 
@@ -147,6 +149,14 @@ class RelayApp:
             self.sessions.discard(session)
             self.metrics.session_finished(session)
 
+    def reconfigure(self, config):
+        """Take a reloaded configuration: keys, limits, origins and timers apply to sessions from now on."""
+        self.keys = auth.KeyRing(config["auth.keys"])
+        if config["upstream.ca_file"] != self.config["upstream.ca_file"]:
+            self.tls_context = upstream.tls_context(config["upstream.ca_file"])
+        self.allowed_origins = frozenset(o.rstrip("/") for o in config["server.allowed_origins"])
+        self.config = config
+
     def shutdown(self, force=False):
         """Stop taking sessions; end live ones at their turn's end (``force``: now, draining their turns)."""
         self.accepting = False
@@ -231,8 +241,9 @@ def stop(server, config, tracer, grace=None):
     server.stop(timeout=settle)
 
 
-def serve(config, tracer, store):
-    """Run until SIGTERM (graceful) or SIGINT (no grace for live turns; they are still drained and billed)."""
+def serve(config, tracer, store, reload=None):
+    """Run until a signal: TERM graceful stop, INT/QUIT stop without grace (turns still drained and billed),
+    HUP reload (``reload()`` returns the new config; keys and limits apply to new sessions, live ones go on)."""
     server = make_server(config, tracer, store)
     server.start()
     side = None
@@ -245,14 +256,32 @@ def serve(config, tracer, store):
     tracer.emit("server_listening", host=host, port=port, upstream=config["upstream.url"],
                 auth="keys" if server.app.keys.enabled else "passthrough",
                 tls=bool(config["server.tls_cert"]))
-    signalled = gevent.event.AsyncResult()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        gevent.signal_handler(signum, signalled.set, signum)
-    signum = signalled.get()
-    stop(server, config, tracer, grace=None if signum == signal.SIGTERM else 0)
+    app = server.app
+    notifier = Notifier(lambda: "%d live sessions, %s" % (len(app.sessions), "accepting" if app.accepting
+                                                           else "stopping"))
+    notifier.ready()
+    stop_signal = gevent.event.AsyncResult()
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
+        gevent.signal_handler(signum, stop_signal.set, signum)
+    if reload is not None:
+        gevent.signal_handler(signal.SIGHUP, lambda: gevent.spawn(_reload, app, reload, tracer))
+    signum = stop_signal.get()
+    notifier.stopping()
+    stop(server, app.config, tracer, grace=None if signum == signal.SIGTERM else 0)
     if side is not None:
         side.stop(timeout=1)
     if store is not None:
         store.close()
     tracer.emit("server_stopped")
     return 0
+
+
+def _reload(app, reload, tracer):
+    try:
+        config = reload()
+    except ConfigError as exc:
+        tracer.emit("config_reload_failed", error="; ".join(exc.problems))
+        return
+    app.reconfigure(config)
+    tracer.emit("config_reloaded", auth="keys" if app.keys.enabled else "passthrough",
+                sessions=len(app.sessions))
