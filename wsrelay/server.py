@@ -230,15 +230,27 @@ def stop(server, config, tracer, grace=None):
     tracer.emit("server_stopping", sessions=len(app.sessions), grace_s=grace)
     server.close()  # stop accepting; live handlers go on
     app.shutdown()
-    deadline = time.monotonic() + grace
-    while app.sessions and time.monotonic() < deadline:
-        gevent.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
-    if app.sessions:
+    _wait_until(lambda: not app.connections, grace)
+    if app.connections:
         tracer.emit("server_shutdown_forced", sessions=len(app.sessions))
         app.shutdown(force=True)
     ws = "gateway.openai_ws."
-    settle = config[ws + "upstream_drain_timeout_seconds"] + 2 * config[ws + "close_timeout_seconds"] + 1
-    server.stop(timeout=settle)
+    settle = (config["upstream.connect_timeout_seconds"] + config[ws + "upstream_drain_timeout_seconds"]
+              + 2 * config[ws + "close_timeout_seconds"] + 1)
+    # Forced sessions drain their upstreams (their turns are billed): wait for them, dials in progress included.
+    if not _wait_until(lambda: not app.connections, settle):
+        tracer.emit("server_stop_abandoned", sessions=len(app.sessions))
+    server.stop(timeout=1)
+
+
+def _wait_until(condition, timeout):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        gevent.sleep(min(0.05, left))
+    return True
 
 
 def serve(config, tracer, store, reload=None):

@@ -105,6 +105,9 @@ class RelayHandler(WebSocketHandler):
         problem = check_handshake(self.environ, self.request_version)
         if problem is not None:
             status, code, message, headers = problem
+            refuse = getattr(self.application, "refuse", None)  # the app's, which also logs the refusal
+            if callable(refuse):
+                return refuse(self, status, code, message, headers)
             return self.refuse(status, code, message, headers)
         accept(self)
 
@@ -157,6 +160,9 @@ class RelayHandler(WebSocketHandler):
     def handle_one_request(self):
         result = super().handle_one_request()
         if isinstance(result, tuple) and result[0] == "414":
+            log = getattr(self.server, "client_error_log", None)
+            if log is not None:
+                log(self, 414, "request line too long")
             return _error_response(414, "request_line_too_long", "the request line is too long")
         return result
 
