@@ -1,5 +1,6 @@
 """The ``wsrelay`` command line, run as a real process: check-config, usage, serve."""
 
+import hashlib
 import json
 import os
 import socket
@@ -11,6 +12,7 @@ import websocket
 
 from tests.conftest import free_port
 from wsrelay import config
+from wsrelay.auth import KeyRing
 from wsrelay.report import FIELDS
 from wsrelay.store import UsageStore
 from wsrelay.usage import UsageRecord
@@ -339,3 +341,39 @@ def test_serve_exposes_metrics_on_a_separate_listener(tmp_path, fake, serve):
         urllib.request.urlopen(base + "/v1/responses", timeout=5)
     assert missing.value.code == 404
     assert served.terminate() == 0
+
+
+def test_usage_group_by_prints_sums_with_a_total_row(usage_db):
+    result = run("usage", "--config", usage_db, "--group-by", "key,model,day", "--format", "table")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.rstrip("\n").split("\n")
+    assert lines[0].split()[:4] == ["key_id", "model", "day", "turns"]
+    assert lines[-1].split()[:3] == ["TOTAL", "2", "1250"]
+    rows = json.loads(run("usage", "--config", usage_db, "--group-by", "model", "--format", "json").stdout)
+    assert {r["model"]: r["turns"] for r in rows} == {"gpt-5": 1, "gpt-5-codex": 1}
+
+
+def test_usage_since_takes_a_duration(usage_db):
+    rows = json.loads(run("usage", "--config", usage_db, "--since", "24h", "--format", "json").stdout)
+    assert rows == []  # the records are from 2025
+    rows = json.loads(run("usage", "--config", usage_db, "--since", "2025-11-26", "--format", "json").stdout)
+    assert len(rows) == 2
+
+
+def test_usage_refuses_an_unknown_group_and_a_bad_since(usage_db):
+    bad_group = run("usage", "--config", usage_db, "--group-by", "colour")
+    assert bad_group.returncode != 0 and "cannot group by colour" in bad_group.stderr
+    bad_since = run("usage", "--config", usage_db, "--since", "yesterday")
+    assert bad_since.returncode != 0 and "--since" in bad_since.stderr
+
+
+def test_hash_key_prints_the_sha256_form_the_relay_accepts(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "wsrelay", "hash-key"], input="rk-secret\n", cwd=REPO,
+                            capture_output=True, text=True, timeout=20)
+    assert result.returncode == 0, result.stderr
+    line = result.stdout.strip()
+    assert line == "sha256:" + hashlib.sha256(b"rk-secret").hexdigest()
+    assert KeyRing([line]).check("rk-secret")
+    empty = subprocess.run([sys.executable, "-m", "wsrelay", "hash-key"], input="", cwd=REPO,
+                           capture_output=True, text=True, timeout=20)
+    assert empty.returncode != 0 and "standard input" in empty.stderr

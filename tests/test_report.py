@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from wsrelay.report import FIELDS, format_records
+from wsrelay.report import FIELDS, format_records, parse_since
 from wsrelay.usage import UsageRecord
 
 pytestmark = pytest.mark.timeout(10)
@@ -66,3 +66,47 @@ def test_usage_record_objects_are_accepted_too():
 def test_unknown_format_is_refused():
     with pytest.raises(ValueError):
         format_records(RECORDS, "xml")
+
+
+def test_group_by_key_model_and_day_sums_turns_and_tokens():
+    records = RECORDS + [record(response_id="resp_3", started_at=1764139290.123 + 86400)]
+    rows = json.loads(format_records(records, "json", ("key", "model", "day")))
+    assert [(r["key_id"], r["model"], r["day"], r["turns"]) for r in rows] == [
+        ("k1", "gpt-test", "2025-11-26", 1), ("k1", "gpt-test", "2025-11-27", 1), ("k1", None, "2025-11-26", 1)]
+    by_day = {r["day"]: r for r in json.loads(format_records(records, "json", ("day",)))}
+    assert by_day["2025-11-26"]["turns"] == 2 and by_day["2025-11-26"]["input_tokens"] == 105
+    assert by_day["2025-11-26"]["disconnected_turns"] == 1 and by_day["2025-11-26"]["image_tokens"] == 64
+    assert by_day["2025-11-27"]["turns"] == 1 and by_day["2025-11-27"]["total_tokens"] == 140
+
+
+def test_grouped_table_ends_with_totals_of_every_sum_column():
+    text = format_records(RECORDS, "table", ("model",))
+    header, rule, *rows, rule2, total = text.rstrip("\n").split("\n")
+    assert header.split() == ["model", "turns", "input_tokens", "output_tokens", "total_tokens", "cached_tokens",
+                              "reasoning_tokens", "image_tokens", "disconnected_turns"]
+    assert total.split() == ["TOTAL", "2", "105", "41", "146", "30", "10", "64", "1"]
+
+
+def test_grouped_csv_has_the_group_and_sum_columns():
+    rows = list(csv.reader(io.StringIO(format_records(RECORDS, "csv", ("event",)))))
+    assert rows[0][:2] == ["terminal_event", "turns"]
+    assert sorted(r[0] for r in rows[1:]) == ["response.completed", "wsrelay.drain_timeout"]
+
+
+def test_grouping_by_an_unknown_key_is_refused():
+    with pytest.raises(ValueError, match="cannot group by colour"):
+        format_records(RECORDS, "json", ("colour",))
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("24h", 1000000 - 86400), ("30m", 1000000 - 1800), ("7d", 1000000 - 7 * 86400), ("90s", 1000000 - 90),
+    ("1.5h", 1000000 - 5400), ("2025-11-26", 1764115200), ("2025-11-26T06:00:00", 1764136800),
+    ("2025-11-26T06:00:00Z", 1764136800), ("1764139290.5", 1764139290.5),
+])
+def test_since_accepts_durations_dates_and_epochs(text, expected):
+    assert parse_since(text, now=1000000) == expected
+
+
+def test_since_rejects_anything_else_with_a_message():
+    with pytest.raises(ValueError, match="duration"):
+        parse_since("yesterday")

@@ -54,17 +54,38 @@ def serve(config_path, host, port, upstream):
 @main.command()
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML configuration file.")
 @click.option("--db", "db_path", type=click.Path(dir_okay=False), help="Usage database (default: usage.sqlite_path).")
-@click.option("--since", type=float, default=None, help="Only records started at or after this epoch time.")
+@click.option("--since", help="Only turns started since: a duration (24h, 7d), a UTC date (2026-11-01) or epoch.")
+@click.option("--group-by", "group_by", help="Sum per group instead of listing turns: key,model,day,event.")
 @click.option("--format", "fmt", type=click.Choice(["json", "table", "csv"]), default="table", show_default=True)
-def usage(config_path, db_path, since, fmt):
-    """Print the recorded usage, one record per turn."""
-    from .report import format_records
+def usage(config_path, db_path, since, group_by, fmt):
+    """Print the recorded usage: one row per turn, or sums per group; tables end with a TOTAL row."""
+    from .report import GROUP_KEYS, format_records, parse_since
     from .store import UsageStore
 
+    groups = tuple(g.strip() for g in (group_by or "").split(",") if g.strip())
+    unknown = [g for g in groups if g not in GROUP_KEYS]
+    if unknown:
+        raise click.BadParameter("cannot group by %s; choose from %s" % (", ".join(unknown), ",".join(GROUP_KEYS)),
+                                 param_hint="--group-by")
+    try:
+        since_epoch = parse_since(since) if since else None
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--since")
     cfg = _load(config_path)
     path = db_path or cfg["usage.sqlite_path"]
     store = UsageStore(path, None if db_path else cfg.usage_fallback_path)
-    click.echo(format_records(store.query(since=since), fmt), nl=False)
+    click.echo(format_records(store.query(since=since_epoch), fmt, groups), nl=False)
+
+
+@main.command("hash-key")
+def hash_key():
+    """Print the sha256: form of a relay key read from standard input (for auth.keys)."""
+    from .auth import digest
+
+    key = sys.stdin.readline().strip()
+    if not key:
+        raise click.UsageError("give the key on standard input, e.g.: printf %s \"$KEY\" | wsrelay hash-key")
+    click.echo("sha256:" + digest(key))
 
 
 @main.command("check-config")
