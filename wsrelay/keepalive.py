@@ -15,6 +15,7 @@ import itertools
 import time
 
 import gevent
+import gevent.event
 
 STAGE_OK = "downstream_ping_ok"
 STAGE_FAILED = "downstream_ping_failed"
@@ -78,3 +79,47 @@ class Keepalive:
             self.pings_ok += 1
             session.trace(STAGE_OK, direction=DIRECTION, graceful=True, wrote_downstream=session.wrote_downstream,
                           rtt_ms=round((self.clock() - sent_at) * 1000.0, 3))
+
+
+APP_KEEPALIVE_FRAME = b"\x81\x14" + b'{"type":"keepalive"}'
+STAGE_APP = "downstream_app_keepalive"
+
+
+class AppKeepalive:
+    """Text-frame keepalive for clients whose own idle watchdog ignores Pings (Codex's does).
+
+    Only during a turn, only after the first business write, only when no *business* frame went down for
+    ``interval``, and only at a message boundary (a text frame inside a fragmented message would break it).
+    """
+
+    def __init__(self, session, interval, clock=time.monotonic):
+        self.session = session
+        self.interval = interval
+        self.clock = clock
+        self.sent = 0
+
+    def run(self):
+        session = self.session
+        turn_changed = gevent.event.Event()
+        session.turn_watchers.append(turn_changed)
+        session.first_business_write.wait()
+        last_sent = 0.0
+        while True:
+            turn_changed.clear()
+            if not session.ledger.in_flight:
+                turn_changed.wait()
+                continue
+            delay = ping_due_in(self.clock(), max(session.last_business_write, last_sent), self.interval)
+            if delay > 0:
+                turn_changed.wait(delay)
+                continue
+            try:
+                sent = session.send_app_keepalive(APP_KEEPALIVE_FRAME)
+            except OSError:
+                return None  # the pumps see the broken socket and end the session
+            if sent:
+                self.sent += 1
+                last_sent = self.clock()
+                session.trace(STAGE_APP, direction=DIRECTION, wrote_downstream=session.wrote_downstream)
+            else:
+                gevent.sleep(min(self.interval, 0.05))  # mid-message: try again shortly after it ends

@@ -5,7 +5,7 @@ the relay's paths; what is live (bytes and frames of open sessions, the usage st
 time.  Served as ``GET /metrics`` (and on ``server.metrics_listen`` when set).
 """
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 TOKEN_KINDS = ("input_tokens", "output_tokens", "cached_tokens", "reasoning_tokens", "image_tokens")

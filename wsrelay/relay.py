@@ -12,9 +12,10 @@
 import time
 
 import gevent
+import gevent.event
 
 from . import frames, usage
-from .keepalive import Keepalive
+from .keepalive import AppKeepalive, Keepalive
 from .splice import CLIENT_TO_UPSTREAM, UPSTREAM_TO_CLIENT, Exit, Splice
 
 # Upstream-side ends other than a close frame: the close the client gets.
@@ -44,6 +45,8 @@ class Session(Splice):
         helpers = [gevent.spawn(self._watch)]
         if self.ping_interval > 0:
             helpers.append(gevent.spawn(Keepalive(self, self.ping_interval, self.ping_timeout).run))
+        if self.app_keepalive_interval > 0:
+            helpers.append(gevent.spawn(AppKeepalive(self, self.app_keepalive_interval).run))
         first = None
         try:
             self._exit_event.wait()
@@ -71,8 +74,10 @@ class Session(Splice):
 
     def _watch(self):
         """The session timers; sleeps until the deadline or a turn starting or ending moves it, never polls."""
+        turn_changed = gevent.event.Event()
+        self.turn_watchers.append(turn_changed)
         while True:
-            self.turn_changed.clear()
+            turn_changed.clear()
             now = time.monotonic()
             if self.ledger.in_flight:
                 limit, since, exit_ = self.read_timeout, self.last_upstream_read, Exit(
@@ -89,11 +94,11 @@ class Session(Splice):
                     error="no turn for %gs" % self.idle_timeout,
                     close_code=frames.CLOSE_NORMAL, close_reason="websocket idle timeout")
             if not limit:
-                self.turn_changed.wait()  # this timer is off: only a turn starting or ending matters
+                turn_changed.wait()  # this timer is off: only a turn starting or ending matters
                 continue
             due = since + limit - now
             if due > 0:
-                self.turn_changed.wait(due)
+                turn_changed.wait(due)
                 continue
             return self._report(exit_)
 

@@ -67,6 +67,7 @@ class Splice:
         self.ping_timeout = config[ws + "passthrough_downstream_ping_timeout_seconds"]
         self.drain_timeout = config[ws + "upstream_drain_timeout_seconds"]
         self.read_limit = config[ws + "client_read_limit_bytes"]
+        self.app_keepalive_interval = config[ws + "passthrough_downstream_app_keepalive_interval_seconds"]
         self.first_message_timeout = config[ws + "client_first_message_timeout_seconds"]
         self.idle_timeout = config[ws + "ingress_inter_turn_idle_timeout_seconds"]
         self.read_timeout = config[ws + "read_timeout_seconds"]
@@ -82,7 +83,9 @@ class Splice:
         self.started = self.last_downstream_write = self.last_upstream_read = time.monotonic()
         self.turns_started = 0
         self.turn_ended_at = None
-        self.turn_changed = Event()  # wakes the session timers when a turn starts or ends
+        self.turn_watchers = []  # Events set when a turn starts or ends (the session timers, app keepalive)
+        self.last_business_write = self.started
+        self.down_in_message = False  # a fragmented upstream message is being forwarded
         self.shutting_down = False
         self.pong_event = Event()
         self.expected_pong = None
@@ -140,10 +143,12 @@ class Splice:
             self._report(Exit("client_write_failed", UPSTREAM_TO_CLIENT, "client", True, error=_describe(exc)))
             return
         self.bytes_to_client += len(data)
-        self.last_downstream_write = time.monotonic()
-        if business and not self.wrote_downstream:
-            self.wrote_downstream = True
-            self.first_business_write.set()
+        self.last_downstream_write = now = time.monotonic()
+        if business:
+            self.last_business_write = now
+            if not self.wrote_downstream:
+                self.wrote_downstream = True
+                self.first_business_write.set()
         if not mid_frame:
             self._down_locked = False
             self._down_lock.release()
@@ -157,6 +162,19 @@ class Splice:
                 self.down_sock.sendall(frame)
             except (OSError, socket.timeout):
                 return False
+        return True
+
+    def _turn_changed(self):
+        for event in self.turn_watchers:
+            event.set()
+
+    def send_app_keepalive(self, frame):
+        """Write a text frame of the relay's own at a *message* boundary; False when not possible right now."""
+        with self._down_lock:
+            if not self.downstream_open or self.down_in_message or not self.ledger.in_flight:
+                return False
+            self.down_sock.sendall(frame)
+            self.last_downstream_write = time.monotonic()
         return True
 
     def shutdown(self, force=False):
@@ -249,7 +267,7 @@ class Splice:
                 fin, rsv, opcode, mask_key, length, header_length = header
                 try:
                     frames.check_header(rsv, opcode, fin, length, mask_key, expect_masked=False)
-                    in_message = _check_sequence(opcode, fin, in_message)
+                    in_message = self.down_in_message = _check_sequence(opcode, fin, in_message)
                 except ProtocolError as exc:
                     self._send_down(view[flush_from:pos], False, business)
                     return self._report(Exit("upstream_protocol_error", UPSTREAM_TO_CLIENT, "upstream", False,
@@ -298,7 +316,7 @@ class Splice:
         self._record(self.ledger.on_event(event, client_disconnected=not self.downstream_open))
         if in_flight and not self.ledger.in_flight:
             self.turn_ended_at = time.monotonic()
-            self.turn_changed.set()
+            self._turn_changed()
             if self.shutting_down:
                 self.shutdown()
 
@@ -423,7 +441,7 @@ class Splice:
         # A turn starts once its whole request has reached the upstream: a request cut short starts nothing.
         for model in models:
             self.turns_started += 1
-            self.turn_changed.set()
+            self._turn_changed()
             self._record(self.ledger.start_turn(model))
             self.trace("turn_start", direction=CLIENT_TO_UPSTREAM, model=model)
         del models[:]
