@@ -74,10 +74,11 @@ def test_per_key_connection_cap_answers_429_with_retry_after_before_the_upgrade(
 def test_global_connection_limit_answers_503(fake, relay):
     _, url = fake()
     relay_url = relay(url, server__max_connections=1)
-    connect(relay_url)
+    held = connect(relay_url)  # kept referenced: a collected client would close its socket and free the slot
     sock, status, headers, body = raw_request(relay_url)
     assert status == 503 and headers["retry-after"]
     assert json.loads(body)["error"]["code"] == "server_busy"
+    held.close(1000)
 
 
 def test_allowed_origins_refuse_other_browser_origins_but_not_origin_less_clients(fake, relay):
