@@ -4,7 +4,11 @@ Importing ``wsrelay`` patches the standard library for gevent, so everything her
 as greenlets of one hub; a test blocking on a socket lets the servers run.
 """
 
-import base64
+from wsrelay._gevent import patch
+
+patch()  # before the tests' own imports of socket, ssl and threading
+
+import base64  # noqa: E402
 import os
 import signal
 import socket
@@ -17,7 +21,6 @@ import gevent.event
 import gevent.queue
 import pytest
 
-import wsrelay  # noqa: F401  (gevent patching first)
 from wsrelay import config as config_mod
 from wsrelay import fake_upstream, server
 from wsrelay.fake_upstream import FrameSocket

@@ -1,12 +1,16 @@
 """``wsrelay`` command line: serve, usage, check-config, fake-upstream."""
 
-import sys
+from ._gevent import patch
 
-import click
+patch()  # first: everything below, and every server it starts, runs on gevent
 
-import wsrelay  # noqa: F401  (patches the standard library for gevent before anything else imports it)
+import sys  # noqa: E402
 
-from . import config as config_mod
+import click  # noqa: E402
+
+import wsrelay  # noqa: E402
+
+from . import config as config_mod  # noqa: E402
 
 
 def _load(path, overrides=None):

@@ -223,12 +223,18 @@ def make_server(config, tracer, store=None, listener=None):
 
 
 def stop(server, config, tracer, grace=None):
-    """Graceful stop: no new connections; live turns run to their end for up to ``server.shutdown_grace_seconds``,
-    then every client is closed with 1001 and its in-flight turn drained (so it is billed)."""
-    app = server.app
+    """Graceful stop: no new connections, then :func:`end_sessions`, then the listener is gone."""
+    server.close()  # stop accepting; live handlers go on
+    end_sessions(server.app, config, tracer, grace)
+    server.stop(timeout=1)
+
+
+def end_sessions(app, config, tracer, grace=None):
+    """Live turns run to their end for up to ``grace`` (default ``server.shutdown_grace_seconds``), each client
+    being closed with 1001 as its turn ends; then the rest are closed and their in-flight turns drained, so
+    they are billed.  Returns once every session has ended (bounded by connect + drain + close time)."""
     grace = config["server.shutdown_grace_seconds"] if grace is None else grace
     tracer.emit("server_stopping", sessions=len(app.sessions), grace_s=grace)
-    server.close()  # stop accepting; live handlers go on
     app.shutdown()
     _wait_until(lambda: not app.connections, grace)
     if app.connections:
@@ -240,7 +246,6 @@ def stop(server, config, tracer, grace=None):
     # Forced sessions drain their upstreams (their turns are billed): wait for them, dials in progress included.
     if not _wait_until(lambda: not app.connections, settle):
         tracer.emit("server_stop_abandoned", sessions=len(app.sessions))
-    server.stop(timeout=1)
 
 
 def _wait_until(condition, timeout):

@@ -11,8 +11,13 @@ import ssl
 import time
 
 import gevent
-import websocket
-from websocket import _handshake
+
+from ._gevent import patch
+
+patch()  # before websocket-client binds socket, ssl and threading
+
+import websocket  # noqa: E402
+from websocket import _handshake  # noqa: E402
 
 # Headers a client may pass on; everything else (hop-by-hop, Origin, Cookie, Host, Sec-WebSocket-*) stays here.
 FORWARDED_HEADERS = frozenset(h.lower() for h in (
