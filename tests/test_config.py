@@ -350,3 +350,15 @@ def test_readme_settings_reference_is_generated_from_the_settings_table():
         readme = fh.read()
     block = readme.split(".. reference-start\n\n", 1)[1].split(".. reference-end", 1)[0]
     assert block == config.render_reference(), "regenerate with: bin/wsrelay check-config --print-reference"
+
+
+def test_readme_is_valid_restructuredtext():
+    import io
+
+    import docutils.core
+
+    with open(os.path.join(REPO, "README.rst"), encoding="utf-8") as fh:
+        source = fh.read()
+    errors = io.StringIO()
+    docutils.core.publish_doctree(source, settings_overrides={"report_level": 2, "warning_stream": errors})
+    assert errors.getvalue() == ""

@@ -318,6 +318,6 @@ def render_reference():
         default = setting.default
         shown = "none" if default is None or default == [] else "``%s``" % (default,)
         out.append("``%s``" % setting.name)
-        out.append("    %s Default: %s." % (setting.doc, shown))
+        out.append("    " + (setting.doc if "Default:" in setting.doc else "%s Default: %s." % (setting.doc, shown)))
         out.append("")
-    return "\n".join(out)
+    return "\n".join(out) + "\n"

@@ -85,3 +85,25 @@ def test_readyz_is_503_while_the_relay_is_stopping(fake, relay, tracer):
         urllib.request.urlopen(base + "/readyz", timeout=5)
     assert refused.value.code == 503
 
+
+
+def test_grafana_dashboard_only_queries_metrics_the_relay_exports(fake, relay, tracer):
+    import os
+    import re
+
+    from tests.conftest import REPO
+
+    with open(os.path.join(REPO, "etc", "grafana-dashboard.json")) as fh:
+        dashboard = json.load(fh)
+    exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+    used = set(re.findall(r"\b(wsrelay_[a-z_]+)", " ".join(exprs)))
+    _, url = fake()
+    relay_url = relay(url)
+    connect(relay_url).send(OP_TEXT, CREATE)
+    with urllib.request.urlopen(http_base(relay_url) + "/metrics", timeout=5) as response:
+        text = response.read().decode()
+    exported = {sample.name for family in text_string_to_metric_families(text) for sample in family.samples}
+    exported |= {family.name for family in text_string_to_metric_families(text)}
+    missing = sorted(name for name in used if name not in exported
+                     and not any(name == e + suffix for e in exported for suffix in ("_bucket", "_total")))
+    assert used and not missing, "dashboard queries unknown metrics: %s" % missing
