@@ -10,7 +10,7 @@ import sys
 import pytest
 import websocket
 
-from tests.conftest import free_port
+from tests.conftest import REPO, free_port
 from wsrelay import config
 from wsrelay.auth import KeyRing
 from wsrelay.report import FIELDS
@@ -18,8 +18,6 @@ from wsrelay.store import UsageStore
 from wsrelay.usage import UsageRecord
 
 pytestmark = pytest.mark.timeout(30)
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run(*args, timeout=20):

@@ -4,13 +4,12 @@ nginx closes a proxied WebSocket when the relay side has been silent for ``proxy
 1 s and the fake upstream stays silent for 3.5 s (over 3x longer) before the turn's terminal event.
 """
 
-import json
-
 import gevent
 import pytest
 
 from tests.conftest import connect
 from tests.e2e.nginx import NGINX_MISSING_MESSAGE, NginxProxy, nginx_binary
+from tests.peers import CREATE, INTERVAL, PING_TIMEOUT
 from wsrelay.fake_upstream import ConnectionClosed
 from wsrelay.frames import OP_PING, OP_PONG, OP_TEXT
 
@@ -18,15 +17,13 @@ pytestmark = pytest.mark.timeout(60)
 
 PROXY_READ_TIMEOUT = 1.0
 SILENCE = 3.5
-CREATE = json.dumps({"type": "response.create", "model": "gpt-test", "input": []}).encode()
 
 
 def run_turn_through_nginx(fake, relay, interval):
     if nginx_binary() is None:
         pytest.fail(NGINX_MISSING_MESSAGE)
     _, upstream_url = fake(silence=SILENCE)
-    relay_url = relay(upstream_url, gateway__openai_ws__passthrough_downstream_ping_interval_seconds=interval,
-                      gateway__openai_ws__passthrough_downstream_ping_timeout_seconds=0.3)
+    relay_url = relay(upstream_url, **{INTERVAL: interval, PING_TIMEOUT: 0.3})
     relay_port = int(relay_url.split(":")[2].split("/")[0])
     with NginxProxy(relay_port, read_timeout=PROXY_READ_TIMEOUT) as proxy:
         client = connect(proxy.url("/v1/responses"))

@@ -7,12 +7,11 @@ import gevent
 import pytest
 
 from tests.conftest import connect
+from tests.peers import APP_KEEPALIVE_INTERVAL, CREATE, INTERVAL, PING_TIMEOUT
 from wsrelay.frames import OP_PING, OP_PONG, OP_TEXT
 
 pytestmark = pytest.mark.timeout(30)
 
-WS = "gateway__openai_ws__"
-CREATE = json.dumps({"type": "response.create", "model": "gpt-test", "input": []}).encode()
 WATCHDOG = 1.0   # the client gives up after this long without a text frame
 SILENCE = 3.0    # the turn's silence before its terminal event: three watchdog periods
 
@@ -48,9 +47,7 @@ def codex_like_turn(client):
 
 def test_text_keepalive_carries_a_ping_ignoring_client_through_a_long_silent_turn(fake, relay, tracer, store):
     _, url = fake(silence=SILENCE)
-    client = connect(relay(url, **{WS + "passthrough_downstream_app_keepalive_interval_seconds": 0.4,
-                                   WS + "passthrough_downstream_ping_interval_seconds": 0.3,
-                                   WS + "passthrough_downstream_ping_timeout_seconds": 0.2}))
+    client = connect(relay(url, **{APP_KEEPALIVE_INTERVAL: 0.4, INTERVAL: 0.3, PING_TIMEOUT: 0.2}))
     outcome, keepalives = codex_like_turn(client)
     assert outcome == "completed"
     assert keepalives >= SILENCE / 0.4 - 2
@@ -60,8 +57,7 @@ def test_text_keepalive_carries_a_ping_ignoring_client_through_a_long_silent_tur
 
 def test_without_text_keepalive_the_same_client_gives_up_despite_pings(fake, relay, tracer):
     _, url = fake(silence=SILENCE)
-    client = connect(relay(url, **{WS + "passthrough_downstream_ping_interval_seconds": 0.3,
-                                   WS + "passthrough_downstream_ping_timeout_seconds": 0.2}))
+    client = connect(relay(url, **{INTERVAL: 0.3, PING_TIMEOUT: 0.2}))
     outcome, keepalives = codex_like_turn(client)
     assert (outcome, keepalives) == ("watchdog", 0)
     assert tracer.find("downstream_ping_ok"), "Pings went out, and did not help"
@@ -69,7 +65,7 @@ def test_without_text_keepalive_the_same_client_gives_up_despite_pings(fake, rel
 
 def test_text_keepalive_is_never_sent_outside_a_turn_or_before_the_first_write(scripted, relay, tracer):
     upstream, url = scripted()
-    client = connect(relay(url, **{WS + "passthrough_downstream_app_keepalive_interval_seconds": 0.1}))
+    client = connect(relay(url, **{APP_KEEPALIVE_INTERVAL: 0.1}))
     up = upstream.next()
     client.send(OP_TEXT, CREATE)
     up.read_message()
@@ -89,7 +85,7 @@ def test_text_keepalive_is_never_sent_outside_a_turn_or_before_the_first_write(s
 
 def test_text_keepalive_waits_for_the_end_of_a_fragmented_message(scripted, relay, tracer):
     upstream, url = scripted()
-    client = connect(relay(url, **{WS + "passthrough_downstream_app_keepalive_interval_seconds": 0.1}))
+    client = connect(relay(url, **{APP_KEEPALIVE_INTERVAL: 0.1}))
     up = upstream.next()
     client.send(OP_TEXT, CREATE)
     up.read_message()

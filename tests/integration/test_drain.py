@@ -9,48 +9,13 @@ import gevent
 import pytest
 
 from tests.conftest import connect
+from tests.peers import (DRAIN_TIMEOUT, FAKE_USAGE, HEAD_EVENTS, exit_fields, read_close, read_events, send_create,
+                         tokens)
 from wsrelay import frames
 from wsrelay.fake_upstream import ConnectionClosed
 from wsrelay.frames import OP_CLOSE, OP_CONTINUATION, OP_PING, OP_PONG, OP_TEXT
 
 pytestmark = pytest.mark.timeout(60)
-
-DRAIN_TIMEOUT = "gateway__openai_ws__upstream_drain_timeout_seconds"
-HEAD_EVENTS = 6  # response.created, response.in_progress, response.output_item.added, 3 deltas
-FAKE_USAGE = {"input_tokens": 120, "output_tokens": 30, "total_tokens": 150, "cached_tokens": 20,
-              "reasoning_tokens": 10}
-
-
-def send_create(client, **fields):
-    request = {"type": "response.create", "model": "gpt-test", "input": [{"role": "user", "content": "hi"}]}
-    request.update(fields)
-    client.send(OP_TEXT, json.dumps(request).encode())
-
-
-def read_events(client, count=None, until=None, timeout=5.0):
-    """Read JSON events (answering Pings) until ``count`` were read or one of type ``until`` arrived."""
-    events = []
-    with gevent.Timeout(timeout, AssertionError("events so far: %s" % [e.get("type") for e in events])):
-        while True:
-            fin, opcode, payload = client.read_frame()
-            if opcode == OP_PING:
-                client.send(OP_PONG, payload)
-                continue
-            assert opcode == OP_TEXT and fin, (opcode, payload[:80])
-            events.append(json.loads(payload))
-            if count is not None and len(events) == count:
-                return events
-            if until is not None and events[-1]["type"] == until:
-                return events
-
-
-def read_close(client, timeout=5.0):
-    """Skip data frames until the close frame; returns its ``(code, reason)``."""
-    with gevent.Timeout(timeout, AssertionError("no close frame within %ss" % timeout)):
-        while True:
-            fin, opcode, payload = client.read_frame()
-            if opcode == OP_CLOSE:
-                return frames.parse_close(payload)
 
 
 def wait_until(predicate, timeout=5.0, what="condition"):
@@ -58,15 +23,6 @@ def wait_until(predicate, timeout=5.0, what="condition"):
     with gevent.Timeout(timeout, AssertionError("%s not met within %ss" % (what, timeout))):
         while not predicate():
             gevent.sleep(0.01)
-
-
-def tokens(record):
-    return {name: record[name] for name in FAKE_USAGE}
-
-
-def exit_fields(tracer):
-    fields = tracer.wait_for("first_exit")
-    return fields["side"], fields["cause"], fields["graceful"], fields["wrote_downstream"]
 
 
 def assert_order(tracer, *stages):
@@ -285,7 +241,7 @@ def test_error_then_response_failed_is_one_failed_turn(fake, relay, tracer, stor
     assert [e["type"] for e in events[-2:]] == ["error", "response.failed"]
     store.wait(1)
     client.close(1000)
-    read_close(client)
+    assert read_close(client) != "eof"
     tracer.wait_for("relay_complete")
     assert len(store.records) == 1
     record = store.records[0]
@@ -326,7 +282,7 @@ def test_prewarm_and_two_turns_on_one_connection_are_three_records_in_order(fake
         response_ids.append(events[-1]["response"]["id"])
     store.wait(3)
     client.close(1000)
-    read_close(client)
+    assert read_close(client) != "eof"
     tracer.wait_for("relay_complete")
     records = store.records
     assert [r["response_id"] for r in records] == response_ids
@@ -351,7 +307,7 @@ def test_fragmented_create_starts_a_turn_that_is_billed_once(fake, relay, tracer
     record = store.wait(1)[0]
     assert record["terminal_event"] == "response.completed" and tokens(record) == FAKE_USAGE
     client.close(1000)
-    read_close(client)
+    assert read_close(client) != "eof"
     tracer.wait_for("relay_complete")
     assert len(store.records) == 1
 

@@ -15,62 +15,21 @@ import time
 import gevent
 import pytest
 
-from tests.conftest import FAST, connect, free_port, read_response, ws_key
+from tests.conftest import FAST, REPO, connect, free_port, read_response, ws_key
 from tests.faultproxy import FaultProxy
+from tests.peers import (DRAIN_TIMEOUT, FAKE_USAGE, FIRST_MESSAGE_TIMEOUT, HEAD_EVENTS, INTERVAL, PING_TIMEOUT,
+                         READ_LIMIT, WRITE_TIMEOUT, MiB, first_exit, port_of, read_close, read_events, send_create,
+                         tokens)
 from wsrelay import config as config_mod
 from wsrelay import frames, server
 from wsrelay.fake_upstream import ConnectionClosed
-from wsrelay.frames import OP_BINARY, OP_CLOSE, OP_PING, OP_PONG, OP_TEXT, build_frame
+from wsrelay.frames import OP_BINARY, OP_CLOSE, OP_TEXT, build_frame
 from wsrelay.store import UsageStore
 
 pytestmark = pytest.mark.timeout(90)
 
-PROJECT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-WS = "gateway__openai_ws__"
-INTERVAL = WS + "passthrough_downstream_ping_interval_seconds"
-PING_TIMEOUT = WS + "passthrough_downstream_ping_timeout_seconds"
-DRAIN_TIMEOUT = WS + "upstream_drain_timeout_seconds"
-WRITE_TIMEOUT = WS + "write_timeout_seconds"
-READ_LIMIT = WS + "client_read_limit_bytes"
-FIRST_MESSAGE_TIMEOUT = WS + "client_first_message_timeout_seconds"
-HEAD_EVENTS = 6  # response.created, response.in_progress, response.output_item.added, 3 deltas
-FAKE_USAGE = {"input_tokens": 120, "output_tokens": 30, "total_tokens": 150, "cached_tokens": 20,
-              "reasoning_tokens": 10}
-MiB = 1024 * 1024
-
 
 # -- helpers -----------------------------------------------------------------------------------------------
-
-def send_create(client, **fields):
-    request = {"type": "response.create", "model": "gpt-test", "input": [{"role": "user", "content": "hi"}]}
-    request.update(fields)
-    client.send(OP_TEXT, json.dumps(request).encode())
-
-
-def read_events(client, count=None, until=None, timeout=5.0):
-    """Read JSON events (answering Pings) until ``count`` were read or one of type ``until`` arrived."""
-    events = []
-    with gevent.Timeout(timeout, AssertionError("events so far: %s" % [e.get("type") for e in events])):
-        while True:
-            fin, opcode, payload = client.read_frame()
-            if opcode == OP_PING:
-                client.send(OP_PONG, payload)
-                continue
-            assert opcode == OP_TEXT and fin, (opcode, payload[:80])
-            events.append(json.loads(payload))
-            if count is not None and len(events) == count:
-                return events
-            if until is not None and events[-1]["type"] == until:
-                return events
-
-
-def read_close(client, timeout=5.0):
-    """The next frame, which must be a close frame; returns its ``(code, reason)``."""
-    with gevent.Timeout(timeout, AssertionError("no close frame within %ss" % timeout)):
-        fin, opcode, payload = client.read_frame()
-    assert opcode == OP_CLOSE, (opcode, payload[:120])
-    return frames.parse_close(payload)
-
 
 def upstream_close(up, timeout=5.0):
     """The close frame the upstream gets next (answered, as a server would); no data message may come first."""
@@ -80,18 +39,6 @@ def upstream_close(up, timeout=5.0):
     except ConnectionClosed as closed:
         return closed.code, closed.reason
     raise AssertionError("the upstream got a data message instead of a close: %r" % (message,))
-
-
-def port_of(url):
-    return int(url[len("ws://"):].partition("/")[0].rpartition(":")[2])
-
-
-def tokens(record):
-    return {name: record[name] for name in FAKE_USAGE}
-
-
-def first_exit(tracer, timeout=5.0):
-    return tracer.wait_for("first_exit", timeout=timeout)
 
 
 def rss_bytes():
@@ -135,7 +82,7 @@ def start_fake_upstream_process(processes, *args):
     """``python -m wsrelay fake-upstream`` on a free port; returns ``(proc, url)`` once it listens."""
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "wsrelay", "fake-upstream", "--port", str(port)] + list(args),
-                            cwd=PROJECT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     processes.append(proc)
     with gevent.Timeout(15, AssertionError("the fake upstream process did not start listening")):
         line = proc.stderr.readline()
@@ -154,7 +101,7 @@ def test_upstream_process_killed_mid_turn_closes_the_client_with_1011_and_record
     assert head[-1]["type"] == "response.output_text.delta"
     killed_at = time.monotonic()
     proc.send_signal(signal.SIGKILL)
-    code, reason = read_close(client)
+    code, reason = read_close(client, strict=True)
     assert code == frames.CLOSE_INTERNAL_ERROR and reason
     assert time.monotonic() - killed_at < 2.0, "the client learnt of the lost upstream too late"
     first = first_exit(tracer)
@@ -181,7 +128,7 @@ def test_upstream_close_mid_turn_reaches_the_client_with_its_code_and_reason(scr
         up.send_json({"type": "response.created", "response": {"id": "resp_closed"}})
         read_events(client, count=1)
         up.close(code, reason)
-        assert read_close(client) == (code, reason)
+        assert read_close(client, strict=True) == (code, reason)
         first = first_exit(tracer)
         assert (first["side"], first["cause"], first["close_code"]) == ("upstream", "upstream_close", code)
         client.close(code, reason)  # the client's reply completes the closing handshake upstream
@@ -307,7 +254,7 @@ def test_client_message_over_the_read_limit_gets_1009_and_the_upstream_a_clean_c
     try:
         frame = build_frame(OP_BINARY, os.urandom(8192), mask=True)
         client.sock.sendall(frame[:100])  # the header says it all
-        code, reason = read_close(client)
+        code, reason = read_close(client, strict=True)
         assert code == frames.CLOSE_MESSAGE_TOO_BIG and reason
         up_code, _ = upstream_close(up)
         assert frames.is_valid_close_code(up_code)
@@ -330,7 +277,7 @@ def test_client_without_a_response_create_in_time_gets_1008_and_the_upstream_a_c
     try:
         client.send(OP_TEXT, b'{"type":"session.update","session":{}}')  # not a request: the clock runs on
         assert up.read_message() == (OP_TEXT, b'{"type":"session.update","session":{}}')
-        code, reason = read_close(client, timeout=3)
+        code, reason = read_close(client, timeout=3, strict=True)
         waited = time.monotonic() - connected
         assert code == frames.CLOSE_POLICY_VIOLATION and reason
         assert 0.25 <= waited < 1.5, waited
@@ -479,7 +426,7 @@ def test_usage_database_locked_mid_run_loses_no_record_and_imports_each_once_on_
         assert fallback_response_ids(usage_store.fallback_path) == []
         assert len(tracer.find("usage_recorded")) == 5
         client.close(1000)
-        read_close(client)
+        read_close(client, strict=True)
         tracer.wait_for("relay_complete")
     finally:
         usage_store.close(timeout=5)

@@ -11,7 +11,7 @@ import gevent
 import pytest
 
 from tests.conftest import REPO, connect, free_port, raw_request
-from tests.integration.test_hardening import CREATE, read_close, read_until
+from tests.peers import CREATE, read_close, read_until_marker
 from wsrelay.frames import OP_PING, OP_PONG, OP_TEXT
 from wsrelay.store import UsageStore
 
@@ -97,7 +97,7 @@ def test_gunicorn_worker_drains_a_turn_whose_client_left(fake, gunicorn):
     proc, url, db = gunicorn(up_url)
     client = connect(url)
     client.send(OP_TEXT, CREATE)
-    read_until(client, b"delta")
+    read_until_marker(client, b"delta")
     client.sock.close()
     with gevent.Timeout(15):
         while not records(db):  # written by the worker's store once the drain reached the terminal event
@@ -113,9 +113,9 @@ def test_gunicorn_sigterm_lets_a_live_turn_finish_then_closes_1001(fake, gunicor
     proc, url, db = gunicorn(up_url)
     client = connect(url)
     client.send(OP_TEXT, CREATE)
-    read_until(client, b"delta")
+    read_until_marker(client, b"delta")
     proc.send_signal(signal.SIGTERM)
-    read_until(client, b'"response.completed"')
+    read_until_marker(client, b'"response.completed"')
     assert read_close(client) == (1001, "server shutting down")
     assert proc.wait(timeout=20) == 0
     row = records(db)[0]

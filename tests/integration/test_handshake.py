@@ -19,6 +19,7 @@ from geventwebsocket.handler import WebSocketHandler
 from websocket import _cookiejar, _handshake
 
 from tests.conftest import connect, free_port, raw_request, read_response, ws_key
+from tests.peers import CREATE, port_of
 from wsrelay import auth, frames, trace
 from wsrelay.fake_upstream import ConnectionClosed
 from wsrelay.frames import OP_TEXT
@@ -27,7 +28,6 @@ from wsrelay.websocket import negotiate_subprotocol
 pytestmark = pytest.mark.timeout(30)
 
 ROUTES = ("/v1/responses", "/responses", "/backend-api/codex/responses")
-CREATE = json.dumps({"type": "response.create", "model": "gpt-test", "input": []}).encode()
 UPSTREAM_KEY = "sk-upstream-secret"
 RELAY_KEY = "rk-relay-key-0123456789"
 
@@ -39,10 +39,6 @@ def at_path(url, path):
     """``url`` (ws://host:port/...) with its path replaced."""
     hostport = url[len("ws://"):].partition("/")[0]
     return "ws://%s%s" % (hostport, path)
-
-
-def port_of(url):
-    return int(url[len("ws://"):].partition("/")[0].rpartition(":")[2])
 
 
 def send_raw(url, head, timeout=10):

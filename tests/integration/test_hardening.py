@@ -11,39 +11,13 @@ import pytest
 from gevent.pywsgi import WSGIServer
 
 from tests.conftest import connect, raw_request
-from wsrelay import frames, trace
-from wsrelay.fake_upstream import ConnectionClosed, FakeUpstream, FrameSocket
-from wsrelay.frames import OP_CLOSE, OP_PING, OP_PONG, OP_TEXT
+from tests.peers import CREATE, FIRST_MESSAGE_TIMEOUT, INTERVAL, PING_TIMEOUT, WS, read_close, read_until_marker
+from wsrelay import trace
+from wsrelay.fake_upstream import FakeUpstream, FrameSocket
+from wsrelay.frames import OP_TEXT
 from wsrelay.websocket import RelayHandler
 
 pytestmark = pytest.mark.timeout(30)
-
-WS = "gateway__openai_ws__"
-CREATE = json.dumps({"type": "response.create", "model": "gpt-test", "input": []}).encode()
-
-
-def read_close(peer, timeout=5.0, answer_pings=True):
-    """Read until a close frame; returns its (code, reason) (None, "") for an empty one, or 'eof'."""
-    with gevent.Timeout(timeout, AssertionError("no close frame within %ss" % timeout)):
-        while True:
-            try:
-                fin, opcode, payload = peer.read_frame()
-            except (ConnectionClosed, OSError):
-                return "eof"
-            if opcode == OP_CLOSE:
-                return frames.parse_close(payload)
-            if opcode == OP_PING and answer_pings:
-                peer.send(OP_PONG, payload)
-
-
-def read_until(peer, marker, timeout=5.0):
-    with gevent.Timeout(timeout, AssertionError("no %r within %ss" % (marker, timeout))):
-        while True:
-            fin, opcode, payload = peer.read_frame()
-            if opcode == OP_PING:
-                peer.send(OP_PONG, payload)
-            elif marker in payload:
-                return payload
 
 
 # -- limits ----------------------------------------------------------------------------------------------------
@@ -95,10 +69,9 @@ def test_allowed_origins_refuse_other_browser_origins_but_not_origin_less_client
 def test_idle_session_is_closed_even_while_pings_keep_it_alive(fake, relay, tracer, store):
     _, url = fake()
     client = connect(relay(url, **{WS + "ingress_inter_turn_idle_timeout_seconds": 0.6,
-                                   WS + "passthrough_downstream_ping_interval_seconds": 0.1,
-                                   WS + "passthrough_downstream_ping_timeout_seconds": 0.05}))
+                                   INTERVAL: 0.1, PING_TIMEOUT: 0.05}))
     client.send(OP_TEXT, CREATE)
-    read_until(client, b'"response.completed"')
+    read_until_marker(client, b'"response.completed"')
     assert read_close(client) == (1000, "websocket idle timeout")
     assert len(tracer.find("downstream_ping_ok")) >= 3  # pinged all along, closed anyway
     first = tracer.wait_for("first_exit")
@@ -108,7 +81,7 @@ def test_idle_session_is_closed_even_while_pings_keep_it_alive(fake, relay, trac
 
 def test_client_sending_no_request_is_closed_with_1008(fake, relay, tracer, store):
     app, url = fake()
-    client = connect(relay(url, **{WS + "client_first_message_timeout_seconds": 0.3}))
+    client = connect(relay(url, **{FIRST_MESSAGE_TIMEOUT: 0.3}))
     assert read_close(client) == (1008, "no request received")
     assert tracer.wait_for("first_exit")["cause"] == "client_first_message_timeout"
     tracer.wait_for("relay_complete")
@@ -120,7 +93,7 @@ def test_turn_with_a_silent_upstream_is_given_up_after_the_read_timeout(fake, re
     _, url = fake(silence=5)
     client = connect(relay(url, **{WS + "read_timeout_seconds": 0.5}))
     client.send(OP_TEXT, CREATE)
-    read_until(client, b"delta")
+    read_until_marker(client, b"delta")
     assert read_close(client) == (1001, "upstream read timeout")
     first = tracer.wait_for("first_exit")
     assert first["cause"] == "upstream_read_timeout" and first["side"] == "upstream"
@@ -163,11 +136,10 @@ def test_relay_serves_wss_with_its_own_certificate(fake, relay, certificate, sto
     cert, key = certificate
     _, url = fake(silence=0.5)
     relay_url = relay(url, server__tls_cert=cert, server__tls_key=key,
-                      **{WS + "passthrough_downstream_ping_interval_seconds": 0.2,
-                         WS + "passthrough_downstream_ping_timeout_seconds": 0.1})
+                      **{INTERVAL: 0.2, PING_TIMEOUT: 0.1})
     client = tls_connect(relay_url.replace("ws://", "wss://"), cert)
     client.send(OP_TEXT, CREATE)
-    read_until(client, b'"response.completed"')
+    read_until_marker(client, b'"response.completed"')
     assert store.wait(1)[0]["terminal_event"] == "response.completed"
 
 
@@ -194,7 +166,7 @@ def test_upstream_ca_file_adds_a_trusted_ca(tls_upstream, relay, certificate, st
     _, url = tls_upstream
     client = connect(relay(url, upstream__ca_file=certificate[0]))
     client.send(OP_TEXT, CREATE)
-    read_until(client, b'"response.completed"')
+    read_until_marker(client, b'"response.completed"')
     assert store.wait(1)[0]["terminal_event"] == "response.completed"
 
 

@@ -1,32 +1,15 @@
 """Downstream keepalive through a real relay: when Pings start, what postpones them, what a missing Pong means."""
 
-import json
 import time
 
 import gevent
 import pytest
 
 from tests.conftest import connect
-from wsrelay.frames import OP_PING, OP_PONG, OP_TEXT
+from tests.peers import CREATE, INTERVAL, PING_TIMEOUT, read_frames_until
+from wsrelay.frames import OP_PING, OP_TEXT
 
 pytestmark = pytest.mark.timeout(30)
-
-INTERVAL = "gateway__openai_ws__passthrough_downstream_ping_interval_seconds"
-TIMEOUT = "gateway__openai_ws__passthrough_downstream_ping_timeout_seconds"
-CREATE = json.dumps({"type": "response.create", "model": "gpt-test", "input": []}).encode()
-
-
-def read_until(peer, predicate, timeout=5.0, answer_pings=True):
-    """Read frames until ``predicate(opcode, payload)``; returns every frame seen as (opcode, payload, time)."""
-    seen = []
-    with gevent.Timeout(timeout, AssertionError("predicate not met; saw %r" % [(o, p[:60]) for o, p, _ in seen])):
-        while True:
-            fin, opcode, payload = peer.read_frame()
-            seen.append((opcode, payload, time.monotonic()))
-            if opcode == OP_PING and answer_pings:
-                peer.send(OP_PONG, payload)
-            if predicate(opcode, payload):
-                return seen
 
 
 def pings(seen):
@@ -35,7 +18,7 @@ def pings(seen):
 
 def test_ping_starts_only_after_first_downstream_write(scripted, relay, tracer):
     upstream, url = scripted()
-    client = connect(relay(url, **{INTERVAL: 0.2, TIMEOUT: 0.1}))
+    client = connect(relay(url, **{INTERVAL: 0.2, PING_TIMEOUT: 0.1}))
     up = upstream.next()
     client.send(OP_TEXT, b'{"type":"session.update"}')
     assert up.read_message() == (OP_TEXT, b'{"type":"session.update"}')
@@ -47,7 +30,7 @@ def test_ping_starts_only_after_first_downstream_write(scripted, relay, tracer):
     assert tracer.find("downstream_ping_ok") == []
     started = time.monotonic()
     up.send(OP_TEXT, b'{"type":"response.created"}')
-    seen = read_until(client, lambda op, p: op == OP_PING)
+    seen = read_frames_until(client, lambda op, p: op == OP_PING)
     assert seen[0][:2] == (OP_TEXT, b'{"type":"response.created"}')
     assert seen[-1][2] - started >= 0.2 - 0.02
     fields = tracer.wait_for("downstream_ping_ok")
@@ -57,7 +40,7 @@ def test_ping_starts_only_after_first_downstream_write(scripted, relay, tracer):
 
 def test_business_traffic_postpones_pings(scripted, relay):
     upstream, url = scripted()
-    client = connect(relay(url, **{INTERVAL: 0.3, TIMEOUT: 0.2}))
+    client = connect(relay(url, **{INTERVAL: 0.3, PING_TIMEOUT: 0.2}))
     up = upstream.next()
     client.send(OP_TEXT, CREATE)
     up.read_message()
@@ -69,9 +52,9 @@ def test_business_traffic_postpones_pings(scripted, relay):
         up.send(OP_TEXT, b'{"type":"response.output_text.delta","delta":"last"}')
 
     writer = gevent.spawn(stream)
-    seen = read_until(client, lambda op, p: b'"last"' in p)
+    seen = read_frames_until(client, lambda op, p: b'"last"' in p)
     assert pings(seen) == [], "a Ping was sent while business frames were flowing"
-    seen = read_until(client, lambda op, p: op == OP_PING)  # silence now: the Ping comes
+    seen = read_frames_until(client, lambda op, p: op == OP_PING)  # silence now: the Ping comes
     writer.join()
     up.done.set()
 
@@ -80,16 +63,16 @@ def test_interval_zero_sends_no_pings(fake, relay, tracer):
     _, url = fake(silence=1.0)
     client = connect(relay(url, **{INTERVAL: 0}))
     client.send(OP_TEXT, CREATE)
-    seen = read_until(client, lambda op, p: b'"response.completed"' in p)
+    seen = read_frames_until(client, lambda op, p: b'"response.completed"' in p)
     assert pings(seen) == []
     assert tracer.find("downstream_ping_ok") == []
 
 
 def test_pings_keep_a_long_silent_turn_until_its_terminal_event(fake, relay, tracer, store):
     _, url = fake(silence=1.5)
-    client = connect(relay(url, **{INTERVAL: 0.3, TIMEOUT: 0.2}))
+    client = connect(relay(url, **{INTERVAL: 0.3, PING_TIMEOUT: 0.2}))
     client.send(OP_TEXT, CREATE)
-    seen = read_until(client, lambda op, p: b'"response.completed"' in p)
+    seen = read_frames_until(client, lambda op, p: b'"response.completed"' in p)
     assert len(pings(seen)) >= 3
     assert len(tracer.find("downstream_ping_ok")) >= 3
     gaps = [b[2] - a[2] for a, b in zip(pings(seen), pings(seen)[1:])]
@@ -100,11 +83,11 @@ def test_pings_keep_a_long_silent_turn_until_its_terminal_event(fake, relay, tra
 
 def test_client_that_stops_answering_pongs_is_gone_and_its_turn_is_drained(fake, relay, tracer, store):
     upstream, url = fake(silence=1.5)
-    client = connect(relay(url, **{INTERVAL: 0.3, TIMEOUT: 0.2}))
+    client = connect(relay(url, **{INTERVAL: 0.3, PING_TIMEOUT: 0.2}))
     client.send(OP_TEXT, CREATE)
     started = time.monotonic()
     # Keep reading (the socket stays open and drained) but never answer a Ping.
-    reader = gevent.spawn(read_until, client, lambda op, p: False, 10, False)
+    reader = gevent.spawn(read_frames_until, client, lambda op, p: False, 10, False)
     failed = tracer.wait_for("downstream_ping_failed", timeout=5)
     assert failed["graceful"] is True and failed["direction"] == "downstream_keepalive"
     # Found gone within interval + timeout after the last business write (+ scheduling slack).
@@ -120,9 +103,9 @@ def test_client_that_stops_answering_pongs_is_gone_and_its_turn_is_drained(fake,
 
 def test_failed_ping_write_is_a_graceful_disconnect(fake, relay, tracer, store):
     _, url = fake(silence=1.0)
-    client = connect(relay(url, **{INTERVAL: 0.2, TIMEOUT: 0.1}))
+    client = connect(relay(url, **{INTERVAL: 0.2, PING_TIMEOUT: 0.1}))
     client.send(OP_TEXT, CREATE)
-    read_until(client, lambda op, p: b"delta" in p)
+    read_frames_until(client, lambda op, p: b"delta" in p)
     client.sock.close()  # vanished without a close frame: the next read or Ping write fails
     first = tracer.wait_for("first_exit")
     assert first["graceful"] is True and first["side"] == "client"

@@ -9,7 +9,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import connect, raw_request
-from tests.integration.test_hardening import CREATE, read_close, read_until
+from tests.peers import CREATE, INTERVAL, PING_TIMEOUT, read_close, read_until_marker
 from wsrelay.frames import OP_TEXT
 
 pytestmark = pytest.mark.timeout(30)
@@ -32,12 +32,11 @@ def http_base(relay_url):
 
 def test_metrics_count_handshakes_pings_turns_tokens_and_bytes(fake, relay, tracer, store):
     _, url = fake(silence=0.5)
-    relay_url = relay(url, gateway__openai_ws__passthrough_downstream_ping_interval_seconds=0.15,
-                      gateway__openai_ws__passthrough_downstream_ping_timeout_seconds=0.1)
+    relay_url = relay(url, **{INTERVAL: 0.15, PING_TIMEOUT: 0.1})
     raw_request(relay_url.replace("/v1/responses", "/nowhere"))
     client = connect(relay_url)
     client.send(OP_TEXT, CREATE)
-    read_until(client, b'"response.completed"')
+    read_until_marker(client, b'"response.completed"')
     store.wait(1)
     live = scrape(http_base(relay_url))
     assert live[("wsrelay_sessions", ())] == 1
@@ -66,7 +65,7 @@ def test_drains_are_counted_by_outcome(fake, relay, tracer, store):
     relay_url = relay(url)
     client = connect(relay_url)
     client.send(OP_TEXT, CREATE)
-    read_until(client, b"delta")
+    read_until_marker(client, b"delta")
     client.sock.close()
     tracer.wait_for("relay_complete")
     samples = scrape(http_base(relay_url))

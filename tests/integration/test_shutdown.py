@@ -7,7 +7,6 @@ upstream is an in-process fake upstream, and the records are read back with ``ws
 """
 
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -18,15 +17,13 @@ import gevent
 import pytest
 import yaml
 
-from tests.conftest import connect, free_port, raw_request
+from tests.conftest import REPO, connect, free_port, raw_request
+from tests.peers import CREATE, HEAD_EVENTS
 from wsrelay import frames
 from wsrelay.frames import OP_CLOSE, OP_PING, OP_PONG, OP_TEXT
 from wsrelay.trace import parse_line
 
 pytestmark = pytest.mark.timeout(60)
-
-PROJECT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-HEAD_EVENTS = 6  # response.created, response.in_progress, response.output_item.added, 3 deltas
 
 
 class RelayProcess:
@@ -64,7 +61,7 @@ class RelayProcess:
 
     def usage(self):
         out = subprocess.run([sys.executable, "-m", "wsrelay", "usage", "--config", self.config_path,
-                              "--format", "json"], cwd=PROJECT, capture_output=True, timeout=30)
+                              "--format", "json"], cwd=REPO, capture_output=True, timeout=30)
         assert out.returncode == 0, out.stderr
         return json.loads(out.stdout)
 
@@ -88,7 +85,7 @@ def relay_process(tmp_path):
         with open(config_path, "w", encoding="utf-8") as fh:
             yaml.safe_dump(settings, fh)
         stderr = open(str(tmp_path / "stderr.log"), "wb")
-        proc = subprocess.Popen([sys.executable, "-m", "wsrelay", "serve", "--config", config_path], cwd=PROJECT,
+        proc = subprocess.Popen([sys.executable, "-m", "wsrelay", "serve", "--config", config_path], cwd=REPO,
                                 stdout=subprocess.DEVNULL, stderr=stderr)
         stderr.close()
         relay = RelayProcess(proc, port, config_path, str(tmp_path / "trace.log"), str(tmp_path / "stderr.log"))
@@ -108,10 +105,6 @@ def relay_process(tmp_path):
         if relay.proc.poll() is None:
             relay.proc.kill()
         relay.proc.wait(timeout=5)
-
-
-def send_create(client):
-    client.send(OP_TEXT, json.dumps({"type": "response.create", "model": "gpt-test", "input": []}).encode())
 
 
 def read_until_close(client, timeout=10.0):
@@ -159,7 +152,7 @@ def test_sigterm_lets_the_live_turn_finish_then_closes_its_client_with_1001_and_
     _, url = fake(silence=1.5)
     relay = relay_process(url, grace=5)
     client = connect(relay.url)
-    send_create(client)
+    client.send(OP_TEXT, CREATE)
     read_head(client)
     signalled = time.monotonic()
     relay.proc.send_signal(signal.SIGTERM)
@@ -186,7 +179,7 @@ def test_sigterm_with_a_turn_longer_than_the_grace_closes_the_client_then_drains
     _, url = fake(silence=4.0)
     relay = relay_process(url, grace=0.5)
     client = connect(relay.url)
-    send_create(client)
+    client.send(OP_TEXT, CREATE)
     read_head(client)
     signalled = time.monotonic()
     relay.proc.send_signal(signal.SIGTERM)
@@ -209,7 +202,7 @@ def test_sigterm_closes_an_idle_session_with_1001_at_once_and_exits_0(fake, rela
     _, url = fake()
     relay = relay_process(url, grace=5)
     client = connect(relay.url)
-    send_create(client)
+    client.send(OP_TEXT, CREATE)
     with gevent.Timeout(5):
         while b'"response.completed"' not in client.read_frame()[2]:
             pass
@@ -232,7 +225,7 @@ def test_sigint_closes_the_live_turns_client_at_once_and_still_drains_and_bills_
     _, url = fake(silence=2.0)
     relay = relay_process(url, grace=5)
     client = connect(relay.url)
-    send_create(client)
+    client.send(OP_TEXT, CREATE)
     read_head(client)
     signalled = time.monotonic()
     relay.proc.send_signal(signal.SIGINT)

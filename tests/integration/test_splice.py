@@ -17,17 +17,13 @@ import gevent.event
 import pytest
 
 from tests.conftest import connect
+from tests.peers import CREATE, INTERVAL, PING_TIMEOUT, READ_LIMIT, MiB, first_exit, read_close
 from wsrelay import frames
 from wsrelay.fake_upstream import ConnectionClosed
 from wsrelay.frames import (OP_BINARY, OP_CLOSE, OP_CONTINUATION, OP_PING, OP_PONG, OP_TEXT, build_close,
                             build_frame)
 
 pytestmark = pytest.mark.timeout(60)
-
-INTERVAL = "gateway__openai_ws__passthrough_downstream_ping_interval_seconds"
-TIMEOUT = "gateway__openai_ws__passthrough_downstream_ping_timeout_seconds"
-READ_LIMIT = "gateway__openai_ws__client_read_limit_bytes"
-MiB = 1024 * 1024
 
 
 # -- helpers -----------------------------------------------------------------------------------------------
@@ -78,14 +74,6 @@ def relay_through(sender_sock, receiver, data):
     return got
 
 
-def read_close(peer, timeout=5.0):
-    """The next frame must be a close: returns its ``(code, reason)``."""
-    with gevent.Timeout(timeout, AssertionError("no close frame within %ss" % timeout)):
-        fin, opcode, payload = peer.read_frame()
-    assert opcode == OP_CLOSE, "expected a close frame, got opcode %#x payload %r" % (opcode, payload[:80])
-    return frames.parse_close(payload)
-
-
 def read_until_closed(peer, timeout=5.0):
     """Read frames until a close frame or EOF: ``(data_frames, (code, reason) or None for EOF)``."""
     data = []
@@ -102,10 +90,6 @@ def read_until_closed(peer, timeout=5.0):
 
 def payload_for(opcode, size):
     return b"t" * size if opcode == OP_TEXT else os.urandom(size)
-
-
-def first_exit(tracer):
-    return tracer.wait_for("first_exit")
 
 
 # -- verbatim relay ----------------------------------------------------------------------------------------
@@ -302,7 +286,7 @@ def test_client_close_1000_reaches_upstream_verbatim_and_the_client_gets_a_close
     close = build_close(1000, mask=True)
     client.sock.sendall(close)
     assert recv_exact(up, len(close)) == close
-    assert read_close(client) == (1000, "")
+    assert read_close(client, strict=True) == (1000, "")
     up.sock.sendall(build_close(1000))
     exit_ = first_exit(tracer)
     assert (exit_["side"], exit_["cause"], exit_["graceful"], exit_["close_code"]) == \
@@ -313,7 +297,7 @@ def test_client_close_1000_reaches_upstream_verbatim_and_the_client_gets_a_close
 
 def test_client_close_4001_between_turns_reaches_upstream_with_code_and_reason(pair, tracer):
     client, up = pair()
-    client.send(OP_TEXT, json.dumps({"type": "response.create", "model": "gpt-test", "input": []}).encode())
+    client.send(OP_TEXT, CREATE)
     assert up.read_message()[0] == OP_TEXT
     tracer.wait_for("turn_start")
     up.send_json({"type": "response.created", "response": {"id": "resp_1"}})
@@ -324,7 +308,7 @@ def test_client_close_4001_between_turns_reaches_upstream_with_code_and_reason(p
     close = build_close(4001, "bye", mask=True)
     client.sock.sendall(close)
     assert recv_exact(up, len(close)) == close
-    assert read_close(client) == (4001, "bye")
+    assert read_close(client, strict=True) == (4001, "bye")
     up.sock.sendall(build_close(4001, "bye"))
     exit_ = first_exit(tracer)
     assert (exit_["side"], exit_["cause"], exit_["graceful"], exit_["close_code"]) == \
@@ -392,7 +376,7 @@ def test_client_protocol_violation_closes_the_client_with_its_code_and_closes_th
         pair, tracer, data, forwarded, code):
     client, up = pair()
     client.sock.sendall(data)
-    close_code, reason = read_close(client)
+    close_code, reason = read_close(client, strict=True)
     assert close_code == code
     assert reason, "the close frame should say what the client did wrong"
     seen, upstream_close = read_until_closed(up)
@@ -412,7 +396,7 @@ def test_protocol_error_after_good_frames_in_the_same_write_still_relays_the_goo
     client, up = pair()
     good = masked(OP_TEXT, b'{"type":"session.update"}') + masked(OP_PING, b"p")
     client.sock.sendall(good + with_rsv1(masked(OP_TEXT, b"bad")) + masked(OP_TEXT, b"never"))
-    assert read_close(client)[0] == 1002
+    assert read_close(client, strict=True)[0] == 1002
     assert recv_exact(up, len(good)) == good
     seen, _ = read_until_closed(up)
     assert seen == []
@@ -424,7 +408,7 @@ def test_client_message_over_the_limit_is_refused_with_1009_from_its_header(pair
     header_length = frames.parse_header(frame, 0, len(frame))[5]
     # Only the header and a few payload bytes: the relay must decide without waiting for the payload.
     client.sock.sendall(frame[:header_length + 10])
-    code, reason = read_close(client)
+    code, reason = read_close(client, strict=True)
     assert code == frames.CLOSE_MESSAGE_TOO_BIG and reason
     try:
         client.sock.sendall(frame[header_length + 10:])
@@ -456,7 +440,7 @@ def test_fragmented_client_message_adding_up_over_the_limit_is_refused_with_1009
     client.sock.sendall(first + second)
     assert recv_exact(up, len(first) + len(second)) == first + second
     client.sock.sendall(third)
-    code, reason = read_close(client)
+    code, reason = read_close(client, strict=True)
     assert code == frames.CLOSE_MESSAGE_TOO_BIG and reason
     seen, upstream_close = read_until_closed(up)
     assert seen == []
@@ -476,7 +460,7 @@ def test_refused_fragmented_create_leaves_no_turn_to_drain(pair, tracer, store):
     client.sock.sendall(first)
     assert recv_exact(up, len(first)) == first
     client.sock.sendall(masked(OP_CONTINUATION, create[700:], fin=True))
-    assert read_close(client)[0] == frames.CLOSE_MESSAGE_TOO_BIG
+    assert read_close(client, strict=True)[0] == frames.CLOSE_MESSAGE_TOO_BIG
     started = time.monotonic()
     seen, upstream_close = read_until_closed(up)
     assert seen == []
@@ -492,7 +476,7 @@ def test_refused_fragmented_create_leaves_no_turn_to_drain(pair, tracer, store):
 # -- Pongs -------------------------------------------------------------------------------------------------
 
 def test_pong_answering_the_relays_ping_is_consumed_but_an_unsolicited_pong_is_forwarded(pair, tracer):
-    client, up = pair(**{INTERVAL: 0.3, TIMEOUT: 0.25})
+    client, up = pair(**{INTERVAL: 0.3, PING_TIMEOUT: 0.25})
     up.send(OP_TEXT, b'{"type":"response.created"}')  # the first business write arms the keepalive
     assert client.read_frame() == (True, OP_TEXT, b'{"type":"response.created"}')
     fin, opcode, ping = client.read_frame()
@@ -507,7 +491,7 @@ def test_pong_answering_the_relays_ping_is_consumed_but_an_unsolicited_pong_is_f
 
 
 def test_keepalive_pong_between_data_frames_in_one_write_is_cut_out_of_the_stream(pair, tracer):
-    client, up = pair(**{INTERVAL: 0.3, TIMEOUT: 0.25})
+    client, up = pair(**{INTERVAL: 0.3, PING_TIMEOUT: 0.25})
     up.send(OP_TEXT, b'{"type":"response.created"}')
     assert client.read_frame()[1] == OP_TEXT
     fin, opcode, ping = client.read_frame()

@@ -13,7 +13,7 @@ import pytest
 from gevent import monkey
 
 from tests.conftest import REPO, connect, free_port, raw_request
-from tests.integration.test_hardening import CREATE, read_until
+from tests.peers import CREATE, read_until_marker
 from wsrelay import systemd
 from wsrelay.frames import OP_TEXT
 
@@ -135,7 +135,7 @@ def test_sighup_reloads_keys_and_a_live_turn_survives(tmp_path, fake, serve):
     url = "ws://127.0.0.1:%d/v1/responses" % port
     client = connect(url, [("Authorization", "Bearer key-one")])
     client.send(OP_TEXT, CREATE)
-    read_until(client, b"delta")
+    read_until_marker(client, b"delta")
     write("key-two")
     served.proc.send_signal(1)
     with gevent.Timeout(10):
@@ -143,7 +143,7 @@ def test_sighup_reloads_keys_and_a_live_turn_survives(tmp_path, fake, serve):
             gevent.sleep(0.02)
     assert raw_request(url, [("Authorization", "Bearer key-one")])[1] == 401
     assert raw_request(url, [("Authorization", "Bearer key-two")])[1] == 101
-    read_until(client, b'"response.completed"')  # the turn begun before the reload ends normally
+    read_until_marker(client, b'"response.completed"')  # the turn begun before the reload ends normally
     write("[unclosed")
     served.proc.send_signal(1)
     with gevent.Timeout(10):
