@@ -139,7 +139,8 @@ class RelayApp:
             return
         sock, initial = handler.take_over()
         sock.settimeout(self.config[ws + "write_timeout_seconds"])
-        session = Session(sock, up.sock, self.config, self.tracer, self.store, key_id=key_id, initial=initial)
+        session = Session(sock, up.sock, self.config, self.tracer, self.store, key_id=key_id, initial=initial,
+                          up_initial=up.initial)
         self.sessions.add(session)
         if not self.accepting:
             session.shutdown()

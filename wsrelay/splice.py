@@ -27,7 +27,10 @@ CLIENT_TO_UPSTREAM = "client_to_upstream"
 UPSTREAM_TO_CLIENT = "upstream_to_client"
 KEEPALIVE = "downstream_keepalive"
 
-BUFFER_SIZE = 16 * 1024
+# Receive buffers start small (an idle session costs little) and double, up to MAX_BUFFER_SIZE, whenever a read
+# fills one (a busy stream moves in fewer, larger reads).
+BUFFER_SIZE = 4 * 1024
+MAX_BUFFER_SIZE = 256 * 1024
 
 
 @dataclass(frozen=True)
@@ -53,14 +56,15 @@ class Splice:
     """Per-connection state shared by the pumps, the keepalive and the session life cycle."""
 
     def __init__(self, down_sock, up_sock, config, tracer, store=None, key_id=None, initial=b"",
-                 session_id=None, ping_supported=True):
+                 session_id=None, ping_supported=True, up_initial=b""):
         self.id = session_id or uuid.uuid4().hex[:12]
         self.down_sock = down_sock
         self.up_sock = up_sock
         self.tracer = tracer
         self.store = store
         self.key_id = key_id
-        self.initial = initial
+        self.initial = initial        # client bytes read along with its handshake
+        self.up_initial = up_initial  # upstream bytes read along with its 101
         self.ping_supported = ping_supported
         ws = "gateway.openai_ws."
         self.ping_interval = config[ws + "passthrough_downstream_ping_interval_seconds"]
@@ -225,26 +229,30 @@ class Splice:
 
     def _splice_upstream(self):
         sock = self.up_sock
-        buf = bytearray(BUFFER_SIZE)
-        view = memoryview(buf)
-        end = 0
+        buf, view, end = _initial_buffer(self.up_initial)
+        self.up_initial = b""
+        walk_first = end > 0
+        full = False
         remaining = 0          # payload bytes of the current data frame still to come
         frame_fin = True
         in_message = False     # a fragmented data message is open
-        message = None         # _UpstreamMessage being examined, if any
+        message = None         # UpstreamMessage being examined, if any
         while True:
-            try:
-                n = sock.recv_into(view[end:])
-            except socket.timeout:
-                continue
-            except OSError as exc:
-                return self._report(Exit("upstream_reset", UPSTREAM_TO_CLIENT, "upstream", False,
-                                         error=_describe(exc)))
-            if not n:
-                return self._report(Exit("upstream_eof", UPSTREAM_TO_CLIENT, "upstream", False,
-                                         error="upstream closed the connection without a close frame"))
-            end += n
-            self.last_upstream_read = time.monotonic()
+            if not walk_first:
+                try:
+                    n = sock.recv_into(view[end:])
+                    full = end + n == len(buf)
+                except socket.timeout:
+                    continue
+                except OSError as exc:
+                    return self._report(Exit("upstream_reset", UPSTREAM_TO_CLIENT, "upstream", False,
+                                             error=_describe(exc)))
+                if not n:
+                    return self._report(Exit("upstream_eof", UPSTREAM_TO_CLIENT, "upstream", False,
+                                             error="upstream closed the connection without a close frame"))
+                end += n
+                self.last_upstream_read = time.monotonic()
+            walk_first = False
             pos = 0
             flush_from = 0
             business = False
@@ -302,6 +310,8 @@ class Splice:
             if flush_from < pos:
                 self._send_down(view[flush_from:pos], remaining > 0, business)
             end = _compact(buf, pos, end)
+            if full and len(buf) < MAX_BUFFER_SIZE:
+                buf, view = _grow(buf, end)
             for payload in finished:
                 if payload is not None:
                     self._on_upstream_event(payload)
@@ -324,12 +334,10 @@ class Splice:
 
     def _pump_downstream(self):
         sock = self.down_sock
-        buf = bytearray(max(BUFFER_SIZE, len(self.initial)))
-        view = memoryview(buf)
-        end = len(self.initial)
-        buf[:end] = self.initial
+        buf, view, end = _initial_buffer(self.initial)
         self.initial = b""
         walk_first = end > 0   # bytes read along with the handshake come before anything on the socket
+        full = False
         remaining = 0
         frame_fin = True
         in_message = False
@@ -340,6 +348,7 @@ class Splice:
             if not walk_first:
                 try:
                     n = sock.recv_into(view[end:])
+                    full = end + n == len(buf)
                 except socket.timeout:
                     continue
                 except OSError as exc:
@@ -436,6 +445,8 @@ class Splice:
             if turns:
                 self._start_turns(turns)
             end = _compact(buf, pos, end)
+            if full and len(buf) < MAX_BUFFER_SIZE:
+                buf, view = _grow(buf, end)
 
     def _start_turns(self, models):
         # A turn starts once its whole request has reached the upstream: a request cut short starts nothing.
@@ -458,6 +469,19 @@ def _check_sequence(opcode, fin, in_message):
             raise ProtocolError("new data message before the previous one finished")
         return not fin
     return in_message
+
+
+def _initial_buffer(initial):
+    """A pump's receive buffer, holding the bytes read before the splice began: ``(buf, view, end)``."""
+    buf = bytearray(max(BUFFER_SIZE, len(initial)))
+    buf[:len(initial)] = initial
+    return buf, memoryview(buf), len(initial)
+
+
+def _grow(buf, end):
+    bigger = bytearray(2 * len(buf))
+    bigger[:end] = buf[:end]
+    return bigger, memoryview(bigger)
 
 
 def _compact(buf, pos, end):

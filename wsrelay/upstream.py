@@ -9,6 +9,7 @@ and every failure becomes a :class:`DialError` carrying the HTTP status the clie
 import socket
 import ssl
 import time
+import urllib.parse
 
 import gevent
 
@@ -63,11 +64,12 @@ class DialError(Exception):
 class Upstream:
     """An open upstream WebSocket: its socket (plain or TLS) and what its handshake answered."""
 
-    def __init__(self, sock, headers, subprotocol, dial_ms):
+    def __init__(self, sock, headers, subprotocol, dial_ms, initial=b""):
         self.sock = sock
         self.headers = headers
         self.subprotocol = subprotocol
         self.dial_ms = dial_ms
+        self.initial = initial  # frames that arrived along with the 101
 
     def returned_headers(self):
         """The upstream response headers to repeat on the client's 101, as their wire text (latin-1 strings).
@@ -127,45 +129,106 @@ def dial(url, headers, authorization=None, subprotocols=None, timeout=10.0, cont
         # Offered by hand: websocket-client lowercases the answer and rejects a 101 that picks none, which
         # RFC 6455 allows; the relay passes the upstream's exact choice (or none) on to the client.
         lines.append(_header_line("Sec-WebSocket-Protocol", ", ".join(subprotocols)))
-    sslopt = {"context": context or tls_context()}
     started = time.monotonic()
-    ws = None
+    reader = None
+    try:
+        ws, reader = _open(url, lines, timeout, context)
+        status = ws.getstatus()
+        if status != 101:
+            # Only a redirect gets here (redirects are not followed).
+            raise DialError(502, "upstream_redirect", "upstream answered the handshake with %s" % status)
+        response_headers = ws.getheaders() or {}
+        chosen = response_headers.get("sec-websocket-protocol")
+        chosen = chosen.strip() if chosen else None
+        if chosen and chosen not in (subprotocols or ()):
+            raise DialError(502, "upstream_bad_subprotocol", "upstream chose a subprotocol the client did not offer")
+        ws.sock = None  # the relay owns the socket now; the library object must never touch it again
+        reader.sock.settimeout(write_timeout)
+    except BaseException:
+        if reader is not None:
+            _close(reader.sock)
+        raise
+    return Upstream(reader.sock, response_headers, chosen, (time.monotonic() - started) * 1000.0,
+                    initial=reader.rest())
+
+
+def _open(url, lines, timeout, context):
+    """``(websocket-client's WebSocket, _HandshakeReader)`` after the handshake; failures become DialError."""
+    reader = None
     try:
         with gevent.Timeout(timeout):
+            reader = _HandshakeReader(_connect(url, timeout, context))
             ws = websocket.create_connection(
-                url, timeout=timeout, header=lines,
-                suppress_origin=True, skip_utf8_validation=True, enable_multithread=False,
-                redirect_limit=0, sslopt=sslopt)
-    except gevent.Timeout:
-        _abandon(ws)
-        raise DialError(504, "upstream_timeout", "upstream did not complete the WebSocket handshake in %gs" % timeout)
-    except websocket.WebSocketBadStatusException as exc:
-        raise _status_error(exc.status_code, exc.resp_headers or {})
-    except (websocket.WebSocketTimeoutException, socket.timeout):
-        raise DialError(504, "upstream_timeout", "upstream did not complete the WebSocket handshake in %gs" % timeout)
-    except ssl.SSLError as exc:
-        raise DialError(502, "upstream_tls_error", "TLS with the upstream failed: %s" % (exc.reason or exc))
-    except websocket.WebSocketAddressException:
-        raise DialError(502, "upstream_unreachable", "upstream host name did not resolve")
-    except ConnectionRefusedError:
-        raise DialError(502, "upstream_unreachable", "upstream refused the connection")
-    except (OSError, websocket.WebSocketException) as exc:
-        raise DialError(502, "upstream_unreachable", "upstream connection failed: %s" % _describe(exc))
-    status = ws.getstatus()
-    if status != 101:
-        # Only a redirect gets here (redirects are not followed).
-        _abandon(ws)
-        raise DialError(502, "upstream_redirect", "upstream answered the handshake with %s" % status)
-    response_headers = ws.getheaders() or {}
-    chosen = response_headers.get("sec-websocket-protocol")
-    chosen = chosen.strip() if chosen else None
-    if chosen and chosen not in (subprotocols or ()):
-        _abandon(ws)
-        raise DialError(502, "upstream_bad_subprotocol", "upstream chose a subprotocol the client did not offer")
-    sock = ws.sock
-    sock.settimeout(write_timeout)
-    ws.sock = None  # the relay owns the socket now; the library object must never touch it again
-    return Upstream(sock, response_headers, chosen, (time.monotonic() - started) * 1000.0)
+                url, timeout=timeout, header=lines, socket=reader,
+                suppress_origin=True, skip_utf8_validation=True, enable_multithread=False, redirect_limit=0)
+        return ws, reader
+    except BaseException as exc:
+        if reader is not None:
+            _close(reader.sock)
+        raise _dial_error(exc, timeout) from None
+
+
+def _dial_error(exc, timeout):
+    if isinstance(exc, websocket.WebSocketBadStatusException):
+        return _status_error(exc.status_code, exc.resp_headers or {})
+    if isinstance(exc, (gevent.Timeout, websocket.WebSocketTimeoutException, socket.timeout)):
+        return DialError(504, "upstream_timeout", "upstream did not complete the WebSocket handshake in %gs" % timeout)
+    if isinstance(exc, socket.gaierror):
+        return DialError(502, "upstream_unreachable", "upstream host name did not resolve")
+    if isinstance(exc, ssl.SSLError):
+        return DialError(502, "upstream_tls_error", "TLS with the upstream failed: %s" % (exc.reason or exc))
+    if isinstance(exc, ConnectionRefusedError):
+        return DialError(502, "upstream_unreachable", "upstream refused the connection")
+    if isinstance(exc, (OSError, websocket.WebSocketException)):
+        return DialError(502, "upstream_unreachable", "upstream connection failed: %s" % _describe(exc))
+    return exc  # not a dial failure (GreenletExit, a bug): let it through unchanged
+
+
+def _connect(url, timeout, context):
+    """TCP (and TLS for wss://) to the upstream; websocket-client then speaks the handshake over it."""
+    parts = urllib.parse.urlsplit(url)
+    secure = parts.scheme == "wss"
+    host = parts.hostname
+    port = parts.port or (443 if secure else 80)
+    sock = socket.create_connection((host, port), timeout=timeout)
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if secure:
+            sock = (context or tls_context()).wrap_socket(sock, server_hostname=host)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+class _HandshakeReader:
+    """The socket as websocket-client sees it during the handshake.
+
+    websocket-client reads the handshake response one byte per ``recv`` call (a few hundred calls per dial);
+    this reads whatever has arrived in one call and serves the library from it.  Bytes past the response
+    headers (frames the upstream sent right behind its 101) are kept for the relay (:meth:`rest`).
+    """
+
+    def __init__(self, sock):
+        self.sock = sock
+        self._data = b""
+        self._pos = 0
+
+    def recv(self, bufsize):
+        if self._pos >= len(self._data):
+            data = self.sock.recv(65536)
+            if not data:
+                return data
+            self._data, self._pos = data, 0
+        chunk = self._data[self._pos:self._pos + bufsize]
+        self._pos += len(chunk)
+        return chunk
+
+    def rest(self):
+        return self._data[self._pos:]
+
+    def __getattr__(self, name):
+        return getattr(self.sock, name)
 
 
 def _status_error(status, headers):
@@ -182,9 +245,8 @@ def _describe(exc):
     return text.split(" -+-+- ")[0][:200]
 
 
-def _abandon(ws):
-    if ws is not None and ws.sock is not None:
-        try:
-            ws.sock.close()
-        except OSError:
-            pass
+def _close(sock):
+    try:
+        sock.close()
+    except OSError:
+        pass

@@ -147,6 +147,10 @@ class RelayHandler(WebSocketHandler):
     def take_over(self):
         """The raw socket and the bytes pywsgi read past the request headers (a client may not wait for the 101)."""
         sock = self.socket
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # frames go out as they are relayed
+        except OSError:
+            pass  # not TCP (a test's socket pair)
         timeout = sock.gettimeout()
         sock.settimeout(0.0)
         try:
