@@ -9,6 +9,7 @@
   as failed.
 """
 
+import socket
 import time
 
 import gevent
@@ -109,6 +110,8 @@ class Session(Splice):
         if first.stage == "client_close" or first.close_code is not None:
             # The echo of the client's close, or the relay's own reason for closing.
             self._send_down_control(frames.build_close(first.close_code, first.close_reason))
+        # The client is done with: end its TCP connection now (FIN after the close frame), not after the drain.
+        _shutdown_write(self.down_sock)
         if self.ledger.in_flight and self.upstream_open and not up.dead:
             self._drain(up)
         if self.upstream_open and not up.dead:
@@ -155,6 +158,13 @@ class Session(Splice):
             elif not first.close_forwarded:
                 self._send_down_control(frames.build_close(first.close_code, first.close_reason))
             down.join(self.close_timeout)  # the client's close in reply ends the pump (and goes upstream)
+
+
+def _shutdown_write(sock):
+    try:
+        sock.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass
 
 
 def _close(sock):

@@ -376,3 +376,19 @@ def test_terminal_event_split_into_fragments_and_small_writes_is_billed_once(scr
         assert len(store.records) == 1
     finally:
         up.done.set()
+
+
+def test_client_connection_is_closed_at_once_while_its_turn_drains(fake, relay, tracer, store):
+    app, url = fake(silence=2.0)
+    client = connect(relay(url))
+    send_create(client)
+    read_events(client, count=HEAD_EVENTS)
+    client.close(4000, "user left")
+    assert read_close(client) == (4000, "user left")
+    started = time.monotonic()
+    client.sock.settimeout(1.0)
+    assert client.sock.recv(100) == b"", "the relay must end the client's TCP connection after the close"
+    assert time.monotonic() - started < 1.0
+    assert tracer.find("drain_terminal") == [], "the drain is still running: the connection did not wait for it"
+    tracer.wait_for("drain_terminal", timeout=5)
+    assert store.wait(1)[0]["client_disconnected"] is True
