@@ -203,6 +203,8 @@ class Splice:
         return sent_at
 
     def keepalive_failed(self, error):
+        if self._exit is not None:
+            return None  # the session already ended another way; the failed Ping is not news
         self.trace("downstream_ping_failed", direction=KEEPALIVE, graceful=True,
                    wrote_downstream=self.wrote_downstream, error=error)
         return self._report(Exit("downstream_ping_failed", KEEPALIVE, "client", True, error=error))

@@ -6,6 +6,7 @@ followed (they could carry the operator's credential to another host), the hands
 and every failure becomes a :class:`DialError` carrying the HTTP status the client should see.
 """
 
+import ipaddress
 import socket
 import ssl
 import time
@@ -184,13 +185,63 @@ def _dial_error(exc, timeout):
     return exc  # not a dial failure (GreenletExit, a bug): let it through unchanged
 
 
+class _Resolver:
+    """Upstream addresses, looked up once per ``ttl`` instead of on every dial.
+
+    gevent resolves names in a small thread pool; with every dial queueing there (even for an IP literal),
+    dials under load waited seconds for a lookup that takes a fraction of a millisecond.  An IP literal is
+    used as it is; a name is cached for ``ttl`` seconds and forgotten when a connection to it fails.
+    """
+
+    def __init__(self, ttl=60.0):
+        self.ttl = ttl
+        self._cache = {}
+
+    def addresses(self, host, port):
+        try:
+            ip = ipaddress.ip_address(host)
+        except ValueError:
+            pass
+        else:
+            family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+            return [(family, (host, port))]
+        cached = self._cache.get((host, port))
+        if cached is not None and cached[0] > time.monotonic():
+            return cached[1]
+        infos = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
+        found = [(family, address) for family, _, _, _, address in infos]
+        self._cache[(host, port)] = (time.monotonic() + self.ttl, found)
+        return found
+
+    def forget(self, host, port):
+        self._cache.pop((host, port), None)
+
+
+_resolver = _Resolver()
+
+
+def _open_tcp(host, port, timeout):
+    error = None
+    for family, address in _resolver.addresses(host, port):
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.settimeout(timeout)
+        try:
+            sock.connect(address)
+            return sock
+        except OSError as exc:
+            sock.close()
+            error = exc
+    _resolver.forget(host, port)
+    raise error or OSError("no address for %s" % host)
+
+
 def _connect(url, timeout, context):
     """TCP (and TLS for wss://) to the upstream; websocket-client then speaks the handshake over it."""
     parts = urllib.parse.urlsplit(url)
     secure = parts.scheme == "wss"
     host = parts.hostname
     port = parts.port or (443 if secure else 80)
-    sock = socket.create_connection((host, port), timeout=timeout)
+    sock = _open_tcp(host, port, timeout)
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if secure:

@@ -766,3 +766,27 @@ def test_non_ascii_upstream_response_header_reaches_the_client_byte_for_byte(scr
     sock.close()
     assert status == 101, (status, rest, tracer.stages())
     assert headers.get("x-codex-turn-state") == state
+
+
+def test_upstream_names_are_resolved_once_and_ip_literals_never(monkeypatch):
+    import socket as socket_module
+
+    from wsrelay import upstream
+
+    calls = []
+    real = socket_module.getaddrinfo
+
+    def counting(*args, **kwargs):
+        calls.append(args[0])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(socket_module, "getaddrinfo", counting)
+    resolver = upstream._Resolver(ttl=60)
+    assert resolver.addresses("127.0.0.1", 443) == [(socket_module.AF_INET, ("127.0.0.1", 443))]
+    assert resolver.addresses("::1", 443) == [(socket_module.AF_INET6, ("::1", 443))]
+    assert calls == []
+    first = resolver.addresses("localhost", 443)
+    assert resolver.addresses("localhost", 443) == first and calls == ["localhost"]
+    resolver.forget("localhost", 443)
+    resolver.addresses("localhost", 443)
+    assert calls == ["localhost", "localhost"]

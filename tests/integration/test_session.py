@@ -11,6 +11,7 @@ from wsrelay import config as config_mod
 from wsrelay.fake_upstream import FrameSocket
 from wsrelay.frames import OP_PING, OP_TEXT
 from wsrelay.relay import Session
+from wsrelay.splice import Exit
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -65,3 +66,12 @@ def test_first_exit_is_a_value_naming_side_direction_and_grace(tracer, store):
     assert first["cause"] == "upstream_eof" and first["wrote_downstream"] is False
     complete = tracer.find("relay_complete")[0]
     assert complete["cause"] == "upstream_eof"
+
+
+def test_a_ping_failing_after_the_session_ended_is_not_reported(tracer, store):
+    session, client, upstream = make_session(tracer, store)
+    client.sock.close()
+    exit_ = session._report(Exit("client_eof", "client_to_upstream", "client", True))
+    assert session.keepalive_failed("ping write failed") is None
+    assert tracer.find("downstream_ping_failed") == []
+    assert session._exit is exit_
