@@ -19,7 +19,7 @@ from gevent.event import Event
 from gevent.lock import Semaphore
 
 from . import frames, usage
-from .sniff import SNIFF_CLIENT_BYTES, UpstreamMessage, sniff_create
+from .sniff import SNIFF_CLIENT_BYTES, SNIFF_UPSTREAM_BYTES, UpstreamMessage, sniff_create
 from .frames import OP_BINARY, OP_CLOSE, OP_CONTINUATION, OP_PING, OP_PONG, OP_TEXT, ProtocolError
 from .keepalive import PingUnsupported
 
@@ -276,7 +276,8 @@ class Splice:
                 self.frames_to_client += 1
                 fin, rsv, opcode, mask_key, length, header_length = header
                 try:
-                    frames.check_header(rsv, opcode, fin, length, mask_key, expect_masked=False)
+                    if rsv or opcode > OP_BINARY or mask_key is not None or length >> 63:
+                        frames.check_header(rsv, opcode, fin, length, mask_key, expect_masked=False)
                     in_message = self.down_in_message = _check_sequence(opcode, fin, in_message)
                 except ProtocolError as exc:
                     self._send_down(view[flush_from:pos], False, business)
@@ -302,7 +303,16 @@ class Splice:
                     continue
                 business = True
                 if opcode != OP_CONTINUATION:
-                    message = UpstreamMessage(self.max_event_bytes) if opcode == OP_TEXT else None
+                    message = None
+                    if opcode == OP_TEXT:
+                        start = pos + header_length
+                        if fin and start + length <= end:
+                            # The whole message is here (the usual case): look at its first bytes in place
+                            # and copy it only if it may be a terminal event.
+                            if usage.may_be_terminal(bytes(view[start:start + SNIFF_UPSTREAM_BYTES])):
+                                finished.append(bytes(view[start:start + length]))
+                        else:
+                            message = UpstreamMessage(self.max_event_bytes)
                 frame_fin = fin
                 pos += header_length
                 remaining = length
@@ -384,7 +394,8 @@ class Splice:
                 self.frames_to_upstream += 1
                 fin, rsv, opcode, mask_key, length, header_length = header
                 try:
-                    frames.check_header(rsv, opcode, fin, length, mask_key, expect_masked=True)
+                    if rsv or opcode > OP_BINARY or mask_key is None or length >> 63:
+                        frames.check_header(rsv, opcode, fin, length, mask_key, expect_masked=True)
                     in_message = _check_sequence(opcode, fin, in_message)
                     if opcode < OP_CLOSE:
                         message_size = length if opcode != OP_CONTINUATION else message_size + length
@@ -435,7 +446,12 @@ class Splice:
                     create = None
                     if opcode == OP_TEXT and length:
                         wanted = min(length, SNIFF_CLIENT_BYTES)
-                        sniff = [mask_key, bytearray(), wanted, length > wanted or not fin]
+                        start = pos + header_length
+                        if start + wanted <= end:  # the prefix is here already (the usual case)
+                            create = sniff_create(mask_key, view[start:start + wanted], wanted,
+                                                  length > wanted or not fin)
+                        else:
+                            sniff = [mask_key, bytearray(), wanted, length > wanted or not fin]
                 frame_fin = fin
                 pos += header_length
                 remaining = length
