@@ -1,0 +1,257 @@
+'use strict';
+// Benchmark upstream: a raw-socket WebSocket echo and broadcast server (Node built-ins only).
+//
+// It must never be the bottleneck, so it does as little as RFC 6455 allows: every client data frame is echoed
+// as one server (unmasked) frame with the same FIN bit, opcode and length, large frames streaming back as their
+// bytes arrive; all output produced by one read is written at once; Pings get Pongs and a Close gets its Close
+// back.  Text payloads are unmasked (relays read text); binary payloads come back as the bytes received, so
+// the 1 MiB scenario costs the upstream no per-byte work (neither the relays nor the load generator read them).  A second, plain-HTTP control port serves:
+//   GET /broadcast?group=G&bytes=N  one text event (a Responses-shaped delta) to every session of group G,
+//                                   answered with {"sent", "t0_ns", "t1_ns"} (CLOCK_MONOTONIC, like the clients)
+//   GET /stats                      {"live", "rss"}
+// Sessions join a group with the request header x-codex-bench-group (wsrelay passes x-codex-* upstream).
+//
+// Usage: node upstream.js '{"port": P, "ctrlPort": C, "maxSeconds": S}'; prints one JSON line when listening.
+// It exits when its standard input closes (the bench runner is gone) or after maxSeconds.
+
+const net = require('net');
+const http = require('http');
+const crypto = require('crypto');
+
+const spec = JSON.parse(process.argv[2] || '{}');
+const HOST = '127.0.0.1';
+const GUID = '258EAFA5-E914-47DA-95CA-C5AB0DC85B11';
+const MAX_HEAD = 16384;
+
+const groups = new Map();   // group name -> Set<Session>
+let live = 0;
+let broadcastSeq = 0;
+
+function xorInto(out, start, len, m0, m1, m2, m3, off) {
+  // XOR out[start .. start+len) in place with the 4-byte mask, starting at mask offset `off`.
+  const mask = [m0, m1, m2, m3];
+  let i = 0;
+  const abs = out.byteOffset + start;
+  while (i < len && ((abs + i) & 3) !== 0) {
+    out[start + i] ^= mask[(off + i) & 3];
+    i++;
+  }
+  const words = (len - i) >>> 2;
+  if (words >= 16) {
+    const k = off + i;
+    const w = mask[k & 3] | (mask[(k + 1) & 3] << 8) | (mask[(k + 2) & 3] << 16) | (mask[(k + 3) & 3] << 24);
+    const u32 = new Int32Array(out.buffer, abs + i, words);
+    for (let j = 0; j < words; j++) u32[j] ^= w;
+    i += words * 4;
+  }
+  while (i < len) {
+    out[start + i] ^= mask[(off + i) & 3];
+    i++;
+  }
+}
+
+function serverFrame(opcode, payload) {
+  const n = payload.length;
+  const head = n < 126 ? 2 : n < 65536 ? 4 : 10;
+  const f = Buffer.allocUnsafe(head + n);
+  f[0] = 0x80 | opcode;
+  if (n < 126) f[1] = n;
+  else if (n < 65536) { f[1] = 126; f.writeUInt16BE(n, 2); }
+  else { f[1] = 127; f.writeBigUInt64BE(BigInt(n), 2); }
+  payload.copy(f, head);
+  return f;
+}
+
+class Session {
+  constructor(sock) {
+    this.sock = sock;
+    this.head = null;        // bytes of the HTTP request while it is incomplete
+    this.open = false;       // the 101 was sent
+    this.pending = null;     // a partial frame header (or control frame) carried to the next read
+    this.remaining = 0;      // payload bytes of the current data frame still to echo
+    this.m0 = 0; this.m1 = 0; this.m2 = 0; this.m3 = 0; this.maskOff = 0;
+    this.group = null;
+    this.binary = false;     // the message being echoed is binary
+    this.closed = false;
+    sock.setNoDelay(true);
+    sock.on('data', (chunk) => this.onData(chunk));
+    sock.on('error', () => {});
+    sock.on('close', () => this.onClose());
+  }
+
+  onClose() {
+    if (this.open) live--;
+    this.open = false;
+    this.closed = true;
+    if (this.group !== null) {
+      const set = groups.get(this.group);
+      if (set) { set.delete(this); if (set.size === 0) groups.delete(this.group); }
+    }
+  }
+
+  handshake(chunk) {
+    this.head = this.head ? Buffer.concat([this.head, chunk]) : chunk;
+    const end = this.head.indexOf('\r\n\r\n');
+    if (end < 0) {
+      if (this.head.length > MAX_HEAD) this.sock.destroy();
+      return null;
+    }
+    const lines = this.head.subarray(0, end).toString('latin1').split('\r\n');
+    const rest = this.head.subarray(end + 4);
+    this.head = null;
+    const headers = {};
+    for (let i = 1; i < lines.length; i++) {
+      const c = lines[i].indexOf(':');
+      if (c > 0) headers[lines[i].slice(0, c).trim().toLowerCase()] = lines[i].slice(c + 1).trim();
+    }
+    const key = headers['sec-websocket-key'];
+    if (!key || !/websocket/i.test(headers['upgrade'] || '')) {
+      this.sock.end('HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n');
+      return null;
+    }
+    const accept = crypto.createHash('sha1').update(key + GUID).digest('base64');
+    this.sock.write('HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n' +
+                    'Sec-WebSocket-Accept: ' + accept + '\r\nx-request-id: req_bench\r\n\r\n');
+    this.open = true;
+    live++;
+    const group = headers['x-codex-bench-group'];
+    if (group) {
+      this.group = group;
+      let set = groups.get(group);
+      if (!set) { set = new Set(); groups.set(group, set); }
+      set.add(this);
+    }
+    return rest;
+  }
+
+  onData(chunk) {
+    if (!this.open) {
+      chunk = this.handshake(chunk);
+      if (chunk === null || chunk.length === 0) return;
+    }
+    if (this.pending !== null) { chunk = Buffer.concat([this.pending, chunk]); this.pending = null; }
+    const n = chunk.length;
+    // Echo output is never longer than its input: a server header is 4 bytes shorter than the masked one.
+    // Text payloads are unmasked into `out`; binary payloads go back as the very bytes received (still
+    // masked: nothing on the path reads a binary payload), written as slices of the read buffer, no copy.
+    const out = Buffer.allocUnsafe(n);
+    const pieces = [];
+    let from = 0;   // start of the part of `out` not yet in `pieces`
+    let o = 0;
+    let p = 0;
+    while (p < n) {
+      if (this.remaining > 0) {
+        const take = Math.min(this.remaining, n - p);
+        if (this.binary) {
+          if (o > from) { pieces.push(out.subarray(from, o)); from = o; }
+          pieces.push(chunk.subarray(p, p + take));
+        } else {
+          chunk.copy(out, o, p, p + take);
+          xorInto(out, o, take, this.m0, this.m1, this.m2, this.m3, this.maskOff);
+          o += take;
+        }
+        p += take; this.maskOff += take; this.remaining -= take;
+        continue;
+      }
+      if (n - p < 2) break;
+      const b0 = chunk[p];
+      const b1 = chunk[p + 1];
+      let len = b1 & 0x7f;
+      let hl = 2;
+      if (len === 126) { if (n - p < 4) break; len = chunk.readUInt16BE(p + 2); hl = 4; }
+      else if (len === 127) { if (n - p < 10) break; len = Number(chunk.readBigUInt64BE(p + 2)); hl = 10; }
+      if (!(b1 & 0x80)) { this.sock.destroy(); return; }   // clients must mask
+      if (n - p < hl + 4) break;
+      const opcode = b0 & 0x0f;
+      const mp = p + hl;
+      if (opcode >= 8) {
+        if (n - p < hl + 4 + len) break;
+        const payload = Buffer.from(chunk.subarray(mp + 4, mp + 4 + len));
+        xorInto(payload, 0, len, chunk[mp], chunk[mp + 1], chunk[mp + 2], chunk[mp + 3], 0);
+        p = mp + 4 + len;
+        if (opcode === 8) {
+          if (o > from) pieces.push(out.subarray(from, o));
+          for (const piece of pieces) this.sock.write(piece);
+          this.sock.end(serverFrame(8, payload.length >= 2 ? payload.subarray(0, 2) : payload));
+          this.closed = true;
+          return;
+        }
+        if (opcode === 9) {
+          out[o++] = 0x8a; out[o++] = len;
+          payload.copy(out, o); o += len;
+        }
+        continue;
+      }
+      out[o++] = b0;
+      if (len < 126) out[o++] = len;
+      else if (len < 65536) { out[o++] = 126; out.writeUInt16BE(len, o); o += 2; }
+      else { out[o++] = 127; out.writeBigUInt64BE(BigInt(len), o); o += 8; }
+      if (opcode !== 0) this.binary = opcode === 2;
+      this.m0 = chunk[mp]; this.m1 = chunk[mp + 1]; this.m2 = chunk[mp + 2]; this.m3 = chunk[mp + 3];
+      this.maskOff = 0;
+      this.remaining = len;
+      p = mp + 4;
+    }
+    if (p < n) this.pending = Buffer.from(chunk.subarray(p));
+    if (this.closed) return;
+    if (pieces.length === 0) {
+      if (o > 0) this.sock.write(o === n ? out : out.subarray(0, o));
+      return;
+    }
+    if (o > from) pieces.push(out.subarray(from, o));
+    if (pieces.length === 1) { this.sock.write(pieces[0]); return; }
+    this.sock.cork();
+    for (const piece of pieces) this.sock.write(piece);
+    this.sock.uncork();
+  }
+}
+
+function broadcast(group, bytes) {
+  const set = groups.get(group);
+  const seq = ++broadcastSeq;
+  let text = '{"type":"response.output_text.delta","sequence_number":' + seq + ',"delta":"';
+  text += 'x'.repeat(Math.max(0, bytes - text.length - 2)) + '"}';
+  const frame = serverFrame(1, Buffer.from(text, 'latin1'));
+  const t0 = process.hrtime.bigint();
+  let sent = 0;
+  if (set) {
+    for (const s of set) {
+      if (s.open && !s.closed) { s.sock.write(frame); sent++; }
+    }
+  }
+  const t1 = process.hrtime.bigint();
+  return { sent, seq, t0_ns: Number(t0), t1_ns: Number(t1) };
+}
+
+const server = net.createServer({ noDelay: true }, (sock) => new Session(sock));
+server.on('error', (err) => { console.error('upstream: ' + err.message); process.exit(1); });
+
+const control = http.createServer((req, res) => {
+  const url = new URL(req.url, 'http://x');
+  let body;
+  if (url.pathname === '/broadcast') {
+    body = broadcast(url.searchParams.get('group') || '', parseInt(url.searchParams.get('bytes') || '200', 10));
+  } else if (url.pathname === '/stats') {
+    body = { live, rss: process.memoryUsage().rss };
+  } else {
+    res.writeHead(404); res.end(); return;
+  }
+  const data = JSON.stringify(body);
+  res.writeHead(200, { 'Content-Type': 'application/json', 'Content-Length': Buffer.byteLength(data) });
+  res.end(data);
+});
+
+let listening = 0;
+function ready() {
+  if (++listening === 2) {
+    process.stdout.write(JSON.stringify({ event: 'listening', port: server.address().port,
+                                          ctrlPort: control.address().port, pid: process.pid }) + '\n');
+  }
+}
+server.listen({ host: HOST, port: spec.port || 0, backlog: 8192 }, ready);
+control.listen({ host: HOST, port: spec.ctrlPort || 0 }, ready);
+
+process.stdin.on('end', () => process.exit(0));
+process.stdin.on('close', () => process.exit(0));
+process.stdin.resume();
+setTimeout(() => process.exit(2), (spec.maxSeconds || 3600) * 1000).unref();
