@@ -13,7 +13,6 @@ import socket
 import time
 
 import gevent
-import gevent.event
 
 from . import frames, usage
 from .keepalive import AppKeepalive, Keepalive
@@ -43,7 +42,8 @@ class Session(Splice):
         self.trace("relay_start", key_id=self.key_id, ping_interval=self.ping_interval)
         up = gevent.spawn(self._pump_upstream)
         down = gevent.spawn(self._pump_downstream)
-        helpers = [gevent.spawn(self._watch)]
+        helpers = []
+        self.arm_timers()
         if self.ping_interval > 0:
             helpers.append(gevent.spawn(Keepalive(self, self.ping_interval, self.ping_timeout).run))
         if self.app_keepalive_interval > 0:
@@ -61,6 +61,7 @@ class Session(Splice):
             else:
                 self._settle_upstream_exit(first, up, down)
         finally:
+            self.disarm_timers()
             gevent.killall([up, down] + helpers)
             for sock in (self.down_sock, self.up_sock):
                 _close(sock)
@@ -73,35 +74,47 @@ class Session(Splice):
                        bytes_to_upstream=self.bytes_to_upstream, bytes_to_client=self.bytes_to_client)
         return first
 
-    def _watch(self):
-        """The session timers; sleeps until the deadline or a turn starting or ending moves it, never polls."""
-        turn_changed = gevent.event.Event()
-        self.turn_watchers.append(turn_changed)
-        while True:
-            turn_changed.clear()
-            now = time.monotonic()
-            if self.ledger.in_flight:
-                limit, since, exit_ = self.read_timeout, self.last_upstream_read, Exit(
-                    "upstream_read_timeout", UPSTREAM_TO_CLIENT, "upstream", False,
-                    error="no upstream frame for %gs during a turn" % self.read_timeout)
-            elif not self.turns_started:
-                limit, since, exit_ = self.first_message_timeout, self.started, Exit(
-                    "client_first_message_timeout", CLIENT_TO_UPSTREAM, "client", False,
-                    error="no response.create within %gs" % self.first_message_timeout,
-                    close_code=frames.CLOSE_POLICY_VIOLATION, close_reason="no request received")
-            else:
-                limit, since, exit_ = self.idle_timeout, self.turn_ended_at, Exit(
-                    "idle_timeout", CLIENT_TO_UPSTREAM, "client", True,
-                    error="no turn for %gs" % self.idle_timeout,
-                    close_code=frames.CLOSE_NORMAL, close_reason="websocket idle timeout")
-            if not limit:
-                turn_changed.wait()  # this timer is off: only a turn starting or ending matters
-                continue
-            due = since + limit - now
-            if due > 0:
-                turn_changed.wait(due)
-                continue
-            return self._report(exit_)
+    # -- session timers: one hub timer per session (no greenlet while they wait) ---------------------------------
+
+    def _timer_state(self):
+        """``(limit, since, exit)`` of the timer that applies now; a limit of 0 means it is off."""
+        if self.ledger.in_flight:
+            return self.read_timeout, self.last_upstream_read, lambda: Exit(
+                "upstream_read_timeout", UPSTREAM_TO_CLIENT, "upstream", False,
+                error="no upstream frame for %gs during a turn" % self.read_timeout)
+        if not self.turns_started:
+            return self.first_message_timeout, self.started, lambda: Exit(
+                "client_first_message_timeout", CLIENT_TO_UPSTREAM, "client", False,
+                error="no response.create within %gs" % self.first_message_timeout,
+                close_code=frames.CLOSE_POLICY_VIOLATION, close_reason="no request received")
+        return self.idle_timeout, self.turn_ended_at, lambda: Exit(
+            "idle_timeout", CLIENT_TO_UPSTREAM, "client", True, error="no turn for %gs" % self.idle_timeout,
+            close_code=frames.CLOSE_NORMAL, close_reason="websocket idle timeout")
+
+    def arm_timers(self):
+        """(Re)schedule the timer for the current state: at start, and whenever a turn starts or ends."""
+        self.disarm_timers()
+        if self._exit is not None:
+            return
+        limit, since, _ = self._timer_state()
+        if limit:
+            self._timer = gevent.get_hub().loop.timer(max(0.0, since + limit - time.monotonic()))
+            self._timer.start(self._timer_fired)
+
+    def disarm_timers(self):
+        if self._timer is not None:
+            self._timer.stop()
+            self._timer.close()
+            self._timer = None
+
+    def _timer_fired(self):
+        # In the hub: nothing here may block (_report only sets flags and an Event).
+        limit, since, make_exit = self._timer_state()
+        if limit and time.monotonic() >= since + limit - 0.001:
+            self.disarm_timers()
+            self._report(make_exit())
+        else:
+            self.arm_timers()  # the deadline moved (an upstream frame arrived during the turn)
 
     def _settle_client_exit(self, first, up, down):
         self.downstream_open = False

@@ -87,7 +87,8 @@ class Splice:
         self.started = self.last_downstream_write = self.last_upstream_read = time.monotonic()
         self.turns_started = 0
         self.turn_ended_at = None
-        self.turn_watchers = []  # Events set when a turn starts or ends (the session timers, app keepalive)
+        self.turn_watchers = []  # Events set when a turn starts or ends (the app keepalive waits on one)
+        self._timer = None
         self.last_business_write = self.started
         self.down_in_message = False  # a fragmented upstream message is being forwarded
         self.shutting_down = False
@@ -169,8 +170,12 @@ class Splice:
         return True
 
     def _turn_changed(self):
+        self.arm_timers()
         for event in self.turn_watchers:
             event.set()
+
+    def arm_timers(self):
+        """The session timers (see :class:`wsrelay.relay.Session`)."""
 
     def send_app_keepalive(self, frame):
         """Write a text frame of the relay's own at a *message* boundary; False when not possible right now."""
@@ -470,8 +475,8 @@ class Splice:
         # A turn starts once its whole request has reached the upstream: a request cut short starts nothing.
         for model in models:
             self.turns_started += 1
-            self._turn_changed()
             self._record(self.ledger.start_turn(model))
+            self._turn_changed()
             self.trace("turn_start", direction=CLIENT_TO_UPSTREAM, model=model)
         del models[:]
 
