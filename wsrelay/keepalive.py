@@ -8,7 +8,7 @@ that carries nothing; Ping frames are traffic for all of them.  The rules:
 * the Ping goes out at a frame boundary (the session's downstream write lock) and its Pong is awaited with
   ``gevent.Timeout``; a failed write or a missing Pong means the client is gone (a graceful disconnect).
 
-The greenlet sleeps until a Ping is due, it never polls.
+Nothing runs until a Ping is due: a hub timer wakes it, never a polling loop.
 """
 
 import itertools
@@ -33,12 +33,15 @@ def ping_due_in(now, last_write, interval):
 
 
 class Keepalive:
-    """Runs in its own greenlet for one session; returns an exit value when the client is found gone.
+    """The downstream keepalive of one session.
+
+    Between Pings it is only a hub timer (an idle session holds no greenlet for it); when a Ping is due, a
+    short-lived greenlet sends it and awaits the Pong with ``gevent.Timeout``, then re-arms the timer.
 
     ``session`` provides: ``first_business_write`` (gevent Event), ``last_downstream_write`` (monotonic seconds),
-    ``send_ping(payload)`` (raises OSError when the client is gone, PingUnsupported when it cannot ping),
-    ``pong_event`` (gevent Event the client pump sets on the matching Pong), ``expected_pong`` (attribute),
-    ``trace(stage, **fields)`` and ``keepalive_failed(error)`` returning the exit value.
+    ``send_ping(payload, interval)`` (raises OSError when the client is gone, PingUnsupported when it cannot
+    ping), ``pong_event`` (gevent Event the client pump sets on the matching Pong), ``expected_pong``
+    (attribute), ``trace(stage, **fields)`` and ``keepalive_failed(error)``.
     """
 
     _counter = itertools.count(1)
@@ -49,36 +52,69 @@ class Keepalive:
         self.timeout = timeout
         self.clock = clock
         self.pings_ok = 0
+        self._timer = None
+        self._round = None
+        self._stopped = False
 
-    def run(self):
+    def start(self):
+        """Begin once the session has written its first business frame (never before)."""
+        self.session.first_business_write.rawlink(self._arm)
+
+    def stop(self):
+        self._stopped = True
+        self.session.first_business_write.unlink(self._arm)
+        self._disarm()
+        if self._round is not None and self._round is not gevent.getcurrent():
+            self._round.kill(block=False)
+
+    def _arm(self, _event=None):
+        self._disarm()
+        if self._stopped:
+            return
+        delay = ping_due_in(self.clock(), self.session.last_downstream_write, self.interval)
+        self._timer = gevent.get_hub().loop.timer(max(0.0, delay))
+        self._timer.start(self._due)
+
+    def _disarm(self):
+        if self._timer is not None:
+            self._timer.stop()
+            self._timer.close()
+            self._timer = None
+
+    def _due(self):
+        # In the hub: a write since the timer was set moves the Ping back; otherwise a greenlet does the round.
+        if ping_due_in(self.clock(), self.session.last_downstream_write, self.interval) > 0:
+            self._arm()
+        elif not self._stopped:
+            self._disarm()
+            self._round = gevent.spawn(self._ping_round)
+
+    def _ping_round(self):
         session = self.session
-        session.first_business_write.wait()
-        while True:
-            delay = ping_due_in(self.clock(), session.last_downstream_write, self.interval)
-            if delay > 0:
-                gevent.sleep(delay)
-                continue
-            payload = b"wsrelay-keepalive-%d" % next(self._counter)
-            session.pong_event.clear()
-            session.expected_pong = payload
-            try:
-                sent_at = session.send_ping(payload, self.interval)
-            except PingUnsupported:
-                session.trace(STAGE_UNSUPPORTED, direction=DIRECTION, graceful=True,
-                              wrote_downstream=session.wrote_downstream)
-                return None
-            except OSError as exc:
-                return session.keepalive_failed("ping write failed: %s" % (exc.strerror or exc))
-            if sent_at is None:
-                continue  # a business write happened while waiting for the frame boundary
+        payload = b"wsrelay-keepalive-%d" % next(self._counter)
+        session.pong_event.clear()
+        session.expected_pong = payload
+        try:
+            sent_at = session.send_ping(payload, self.interval)
+        except PingUnsupported:
+            session.trace(STAGE_UNSUPPORTED, direction=DIRECTION, graceful=True,
+                          wrote_downstream=session.wrote_downstream)
+            return
+        except OSError as exc:
+            session.keepalive_failed("ping write failed: %s" % (exc.strerror or exc))
+            return
+        if sent_at is not None:  # None: a business write happened while waiting for the frame boundary
             try:
                 with gevent.Timeout(self.timeout):
                     session.pong_event.wait()
             except gevent.Timeout:
-                return session.keepalive_failed("no pong within %gs" % self.timeout)
+                session.keepalive_failed("no pong within %gs" % self.timeout)
+                return
             self.pings_ok += 1
             session.trace(STAGE_OK, direction=DIRECTION, graceful=True, wrote_downstream=session.wrote_downstream,
                           rtt_ms=round((self.clock() - sent_at) * 1000.0, 3))
+        self._round = None
+        self._arm()
 
 
 APP_KEEPALIVE_FRAME = b"\x81\x14" + b'{"type":"keepalive"}'

@@ -44,8 +44,10 @@ class Session(Splice):
         down = gevent.spawn(self._pump_downstream)
         helpers = []
         self.arm_timers()
+        keepalive = None
         if self.ping_interval > 0:
-            helpers.append(gevent.spawn(Keepalive(self, self.ping_interval, self.ping_timeout).run))
+            keepalive = Keepalive(self, self.ping_interval, self.ping_timeout)
+            keepalive.start()
         if self.app_keepalive_interval > 0:
             helpers.append(gevent.spawn(AppKeepalive(self, self.app_keepalive_interval).run))
         first = None
@@ -55,6 +57,8 @@ class Session(Splice):
             self.trace("first_exit", cause=first.stage, direction=first.direction, side=first.side,
                        graceful=first.graceful, wrote_downstream=self.wrote_downstream, error=first.error,
                        close_code=first.close_code, turn_in_flight=self.ledger.in_flight)
+            if keepalive is not None:
+                keepalive.stop()
             gevent.killall([g for g in helpers if g is not gevent.getcurrent()])
             if first.side == "client":
                 self._settle_client_exit(first, up, down)
@@ -62,6 +66,8 @@ class Session(Splice):
                 self._settle_upstream_exit(first, up, down)
         finally:
             self.disarm_timers()
+            if keepalive is not None:
+                keepalive.stop()
             gevent.killall([up, down] + helpers)
             for sock in (self.down_sock, self.up_sock):
                 _close(sock)
