@@ -29,6 +29,7 @@ KEEPALIVE = "downstream_keepalive"
 
 # Receive buffers start small (an idle session costs little) and double, up to MAX_BUFFER_SIZE, whenever a read
 # fills one (a busy stream moves in fewer, larger reads).
+_READ_DIRECTION = {"client": CLIENT_TO_UPSTREAM, "upstream": UPSTREAM_TO_CLIENT}
 BUFFER_SIZE = 4 * 1024
 MAX_BUFFER_SIZE = 256 * 1024
 
@@ -226,6 +227,21 @@ class Splice:
         self._up_mid_frame = mid_frame
         return True
 
+    def _receive(self, sock, view, end, side):
+        """One read into ``view[end:]``: the byte count; None after a read timeout (the write timeout is the
+        socket's; reading simply goes on); or, when ``side`` is gone, its reported :class:`Exit`."""
+        try:
+            n = sock.recv_into(view[end:])
+        except socket.timeout:
+            return None
+        except OSError as exc:
+            return self._report(Exit(side + "_reset", _READ_DIRECTION[side], side, side == "client",
+                                     error=_describe(exc)))
+        if not n:
+            return self._report(Exit(side + "_eof", _READ_DIRECTION[side], side, side == "client",
+                                     error="%s closed the connection without a close frame" % side))
+        return n
+
     # -- upstream -> client --------------------------------------------------------------------------------
 
     def _pump_upstream(self):
@@ -246,17 +262,12 @@ class Splice:
         message = None         # UpstreamMessage being examined, if any
         while True:
             if not walk_first:
-                try:
-                    n = sock.recv_into(view[end:])
-                    full = end + n == len(buf)
-                except socket.timeout:
+                n = self._receive(sock, view, end, "upstream")
+                if n is None:
                     continue
-                except OSError as exc:
-                    return self._report(Exit("upstream_reset", UPSTREAM_TO_CLIENT, "upstream", False,
-                                             error=_describe(exc)))
-                if not n:
-                    return self._report(Exit("upstream_eof", UPSTREAM_TO_CLIENT, "upstream", False,
-                                             error="upstream closed the connection without a close frame"))
+                if n.__class__ is Exit:
+                    return n
+                full = end + n == len(buf)
                 end += n
                 self.last_upstream_read = time.monotonic()
             walk_first = False
@@ -363,17 +374,12 @@ class Splice:
         create = None          # (model,) once the open message is known to be a response.create
         while True:
             if not walk_first:
-                try:
-                    n = sock.recv_into(view[end:])
-                    full = end + n == len(buf)
-                except socket.timeout:
+                n = self._receive(sock, view, end, "client")
+                if n is None:
                     continue
-                except OSError as exc:
-                    return self._report(Exit("client_reset", CLIENT_TO_UPSTREAM, "client", True,
-                                             error=_describe(exc)))
-                if not n:
-                    return self._report(Exit("client_eof", CLIENT_TO_UPSTREAM, "client", True,
-                                             error="client closed the connection without a close frame"))
+                if n.__class__ is Exit:
+                    return n
+                full = end + n == len(buf)
                 end += n
             walk_first = False
             pos = 0
