@@ -31,7 +31,6 @@ class Setting:
     maximum: float = None
     exclusive_minimum: bool = False
     nullable: bool = False
-    secret: bool = False
     choices: tuple = ()
 
     def coerce(self, value):
@@ -102,7 +101,7 @@ SETTINGS = (
     Setting("upstream.url", str, "wss://api.openai.com/v1/responses",
             "Upstream Responses WebSocket endpoint (ws:// or wss://)."),
     Setting("upstream.api_key", str, None, "Credential sent upstream as 'Authorization: Bearer' when auth.keys "
-            "is set. Prefer upstream.api_key_env.", nullable=True, secret=True),
+            "is set. Prefer upstream.api_key_env.", nullable=True),
     Setting("upstream.api_key_env", str, "OPENAI_API_KEY",
             "Environment variable holding the upstream credential (used when upstream.api_key is empty).",
             nullable=True),
@@ -113,7 +112,7 @@ SETTINGS = (
             "Verification is always on.", nullable=True),
     Setting("auth.keys", list, [], "Relay keys clients must present as 'Authorization: Bearer <key>'. "
             "Each is the key itself or 'sha256:<hex digest>'. Empty: pure passthrough of the client's own "
-            "Authorization.", secret=True),
+            "Authorization."),
     Setting(_WS + "passthrough_downstream_ping_interval_seconds", float, 20.0,
             "Send a WebSocket Ping to the client when the downstream has been idle this long, once the first "
             "business frame was written. 0 disables. Keep it below the idle timeout of every proxy in front "

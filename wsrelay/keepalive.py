@@ -51,7 +51,6 @@ class Keepalive:
         self.interval = interval
         self.timeout = timeout
         self.clock = clock
-        self.pings_ok = 0
         self._timer = None
         self._round = None
         self._stopped = False
@@ -110,7 +109,6 @@ class Keepalive:
             except gevent.Timeout:
                 session.keepalive_failed("no pong within %gs" % self.timeout)
                 return
-            self.pings_ok += 1
             session.trace(STAGE_OK, direction=DIRECTION, graceful=True, wrote_downstream=session.wrote_downstream,
                           rtt_ms=round((self.clock() - sent_at) * 1000.0, 3))
         self._round = None

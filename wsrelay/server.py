@@ -15,7 +15,7 @@ from .config import ConfigError
 from .metrics import Metrics
 from .systemd import Notifier
 from .relay import Session
-from .websocket import RelayHandler, error_body, status_line
+from .websocket import RelayHandler, error_body, header_tokens, status_line
 
 ROUTES = frozenset(("/v1/responses", "/responses", "/backend-api/codex/responses"))
 
@@ -118,7 +118,7 @@ class RelayApp:
         try:
             up = upstream.dial(self.config["upstream.url"], upstream.select_headers(environ),
                                authorization=authorization,
-                               subprotocols=_tokens(environ.get("HTTP_SEC_WEBSOCKET_PROTOCOL")),
+                               subprotocols=header_tokens(environ.get("HTTP_SEC_WEBSOCKET_PROTOCOL")),
                                timeout=self.config["upstream.connect_timeout_seconds"],
                                context=self.tls_context,
                                write_timeout=self.config[ws + "write_timeout_seconds"])
@@ -196,10 +196,6 @@ def _process_state():
     except OSError:
         fds = None
     return {"greenlets": sum(1 for o in gc.get_objects() if isinstance(o, greenlet)), "open_fds": fds}
-
-
-def _tokens(value):
-    return [t.strip() for t in (value or "").split(",") if t.strip()]
 
 
 def _client(handler):

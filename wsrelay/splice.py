@@ -21,7 +21,7 @@ from gevent.lock import Semaphore
 from . import frames, usage
 from .sniff import SNIFF_CLIENT_BYTES, SNIFF_UPSTREAM_BYTES, UpstreamMessage, sniff_create
 from .frames import OP_BINARY, OP_CLOSE, OP_CONTINUATION, OP_PING, OP_PONG, OP_TEXT, ProtocolError
-from .keepalive import PingUnsupported
+from .keepalive import STAGE_FAILED, PingUnsupported
 
 CLIENT_TO_UPSTREAM = "client_to_upstream"
 UPSTREAM_TO_CLIENT = "upstream_to_client"
@@ -211,7 +211,7 @@ class Splice:
     def keepalive_failed(self, error):
         if self._exit is not None:
             return None  # the session already ended another way; the failed Ping is not news
-        self.trace("downstream_ping_failed", direction=KEEPALIVE, graceful=True,
+        self.trace(STAGE_FAILED, direction=KEEPALIVE, graceful=True,
                    wrote_downstream=self.wrote_downstream, error=error)
         return self._report(Exit("downstream_ping_failed", KEEPALIVE, "client", True, error=error))
 

@@ -3,8 +3,8 @@
 ``ts=2026-11-26T06:41:30.123Z stage=downstream_ping_ok session=3f2a direction=downstream_keepalive graceful=true``
 
 Values are written bare when they are simple tokens and JSON-quoted otherwise, so a line always splits back into
-its fields (:func:`parse_line`).  Callers never pass secrets; :func:`redact_headers` exists for the places that
-must describe a request.
+its fields (:func:`parse_line`).  Callers never pass secrets: keys
+are only ever named by their key_id, and request headers are not traced.
 """
 
 import json
@@ -12,8 +12,6 @@ import sys
 import threading
 import time
 
-SECRET_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie", "set-cookie", "x-api-key",
-                            "api-key", "openai-api-key"})
 _BARE_OK = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-.:/@+")
 
 
@@ -61,11 +59,6 @@ def parse_line(line):
             value, i = line[i:end], end
         out[key] = value
     return out
-
-
-def redact_headers(headers):
-    """``headers`` as a list of (name, value) with every credential-bearing value replaced."""
-    return [(k, "[redacted]" if k.lower() in SECRET_HEADERS else v) for k, v in headers]
 
 
 class Tracer:

@@ -53,15 +53,6 @@ def header_tokens(value):
     return [t.strip() for t in (value or "").split(",") if t.strip()]
 
 
-def negotiate_subprotocol(offered, supported):
-    """The first subprotocol of ``supported`` the client offered, compared as whole tokens (never substrings)."""
-    tokens = header_tokens(offered)
-    for name in supported:
-        if name in tokens:
-            return name
-    return None
-
-
 def is_upgrade_request(environ):
     return "websocket" in [t.lower() for t in header_tokens(environ.get("HTTP_UPGRADE"))]
 
@@ -189,9 +180,3 @@ class RelayHandler(WebSocketHandler):
         if log is not None:
             log(self)
 
-
-def shutdown_quietly(sock):
-    try:
-        sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass

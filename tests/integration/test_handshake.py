@@ -23,7 +23,6 @@ from tests.peers import CREATE, port_of
 from wsrelay import auth, frames, trace
 from wsrelay.fake_upstream import ConnectionClosed
 from wsrelay.frames import OP_TEXT
-from wsrelay.websocket import negotiate_subprotocol
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -326,13 +325,6 @@ def test_stock_gevent_websocket_passes_post_upgrade_to_the_app(stock):
     sock, status, headers, body = send_raw(stock, upgrade_request(stock, method="POST") + ["Content-Length: 0"])
     sock.close()
     assert status == 200 and body == b"plain http"
-
-
-def test_negotiate_subprotocol_matches_whole_tokens_only():
-    assert negotiate_subprotocol("superchat", ["chat"]) is None
-    assert negotiate_subprotocol("chatty, superchat", ["chat"]) is None
-    assert negotiate_subprotocol("superchat, chat", ["chat"]) == "chat"
-    assert negotiate_subprotocol(None, ["chat"]) is None
 
 
 def test_stock_gevent_websocket_matches_subprotocols_as_substrings(stock):
