@@ -20,6 +20,7 @@ from gevent.lock import Semaphore
 
 from . import frames, usage
 from .sniff import SNIFF_CLIENT_BYTES, SNIFF_UPSTREAM_BYTES, UpstreamMessage, sniff_create
+from .walk import NEED_MORE, Walker
 from .frames import OP_BINARY, OP_CLOSE, OP_CONTINUATION, OP_PING, OP_PONG, OP_TEXT, ProtocolError
 from .keepalive import STAGE_FAILED, PingUnsupported
 
@@ -79,6 +80,9 @@ class Splice:
         self.close_timeout = config[ws + "close_timeout_seconds"]
         self.max_event_bytes = config["usage.max_event_bytes"]
         self.ledger = usage.TurnLedger(self.id, key_id)
+        # The frame walk of each direction; its state is the pump's fragmentation state.
+        self.down_walker = Walker(True, self.read_limit)
+        self.up_walker = Walker(False, 0, _TERMINAL_TYPES)
 
         self.downstream_open = True
         self.upstream_open = True
@@ -91,7 +95,6 @@ class Splice:
         self.turn_watchers = []  # Events set when a turn starts or ends (the app keepalive waits on one)
         self._timer = None
         self.last_business_write = self.started
-        self.down_in_message = False  # a fragmented upstream message is being forwarded
         self.shutting_down = False
         self.pong_event = Event()
         self.expected_pong = None
@@ -103,8 +106,20 @@ class Splice:
         self._drain_done = Event()
         self.bytes_to_upstream = 0
         self.bytes_to_client = 0
-        self.frames_to_upstream = 0   # frames read from each side (control frames the relay consumes included)
-        self.frames_to_client = 0
+
+    # Frames read from each side (control frames the relay consumes included).
+    @property
+    def frames_to_upstream(self):
+        return self.down_walker.frames
+
+    @property
+    def frames_to_client(self):
+        return self.up_walker.frames
+
+    @property
+    def down_in_message(self):
+        """A fragmented upstream message is being forwarded (nothing of the relay's own may interleave)."""
+        return self.up_walker.in_message
 
     # -- shared plumbing -----------------------------------------------------------------------------------
 
@@ -256,9 +271,7 @@ class Splice:
         self.up_initial = b""
         walk_first = end > 0
         full = False
-        remaining = 0          # payload bytes of the current data frame still to come
-        frame_fin = True
-        in_message = False     # a fragmented data message is open
+        walker = self.up_walker
         message = None         # UpstreamMessage being examined, if any
         while True:
             if not walk_first:
@@ -273,30 +286,34 @@ class Splice:
             walk_first = False
             pos = 0
             flush_from = 0
-            business = False
+            data_frames = walker.data_frames
             finished = []
             while pos < end:
-                if remaining:
-                    take = min(remaining, end - pos)
-                    if message is not None and not message.feed(view[pos:pos + take]):
+                if message is None:
+                    # The fast way over everything of no interest, up to the first frame that is.
+                    pos, event = walker.walk(buf, pos, end)
+                    if event == NEED_MORE:
+                        break
+                elif walker.remaining:
+                    take = min(walker.remaining, end - pos)
+                    if not message.feed(view[pos:pos + take]):
                         message = None
                     pos += take
-                    remaining -= take
-                    if not remaining and frame_fin and message is not None:
+                    walker.remaining -= take
+                    if not walker.remaining and walker.frame_fin and message is not None:
                         finished.append(message.finish())
                         message = None
                     continue
                 header = frames.parse_header(buf, pos, end)
                 if header is None:
                     break
-                self.frames_to_client += 1
+                walker.frames += 1
                 fin, rsv, opcode, mask_key, length, header_length = header
                 try:
-                    if rsv or opcode > OP_BINARY or mask_key is not None or length >> 63:
-                        frames.check_header(rsv, opcode, fin, length, mask_key, expect_masked=False)
-                    in_message = self.down_in_message = _check_sequence(opcode, fin, in_message)
+                    frames.check_header(rsv, opcode, fin, length, mask_key, expect_masked=False)
+                    walker.in_message = _check_sequence(opcode, fin, walker.in_message)
                 except ProtocolError as exc:
-                    self._send_down(view[flush_from:pos], False, business)
+                    self._send_down(view[flush_from:pos], False, walker.data_frames != data_frames)
                     return self._report(Exit("upstream_protocol_error", UPSTREAM_TO_CLIENT, "upstream", False,
                                              error=exc.reason, close_code=exc.code))
                 if opcode >= OP_CLOSE:
@@ -305,7 +322,7 @@ class Splice:
                         break
                     if opcode == OP_CLOSE:
                         forwarded = self.downstream_open
-                        self._send_down(view[flush_from:frame_end], False, business)
+                        self._send_down(view[flush_from:frame_end], False, walker.data_frames != data_frames)
                         try:
                             code, reason = frames.parse_close(view[pos + header_length:frame_end])
                         except ProtocolError:
@@ -317,7 +334,7 @@ class Splice:
                         self._send_up(frames.build_frame(OP_PONG, view[pos + header_length:frame_end], mask=True))
                     pos = frame_end
                     continue
-                business = True
+                walker.data_frames += 1
                 if opcode != OP_CONTINUATION:
                     message = None
                     if opcode == OP_TEXT:
@@ -329,14 +346,14 @@ class Splice:
                                 finished.append(bytes(view[start:start + length]))
                         else:
                             message = UpstreamMessage(self.max_event_bytes)
-                frame_fin = fin
+                walker.frame_fin = bool(fin)
                 pos += header_length
-                remaining = length
-                if not remaining and fin and message is not None:
+                walker.remaining = length
+                if not length and fin and message is not None:
                     finished.append(message.finish())
                     message = None
             if flush_from < pos:
-                self._send_down(view[flush_from:pos], remaining > 0, business)
+                self._send_down(view[flush_from:pos], walker.remaining > 0, walker.data_frames != data_frames)
             end = _compact(buf, pos, end)
             if full and len(buf) < MAX_BUFFER_SIZE:
                 buf, view = _grow(buf, end)
@@ -366,10 +383,7 @@ class Splice:
         self.initial = b""
         walk_first = end > 0   # bytes read along with the handshake come before anything on the socket
         full = False
-        remaining = 0
-        frame_fin = True
-        in_message = False
-        message_size = 0
+        walker = self.down_walker
         sniff = None           # [mask_key, masked prefix, bytes wanted, message longer than that]
         create = None          # (model,) once the open message is known to be a response.create
         while True:
@@ -386,30 +400,33 @@ class Splice:
             flush_from = 0
             turns = []             # requests whose last byte is in this batch: their turns start once it is sent
             while pos < end:
-                if remaining:
-                    take = min(remaining, end - pos)
+                if sniff is None and create is None:
+                    pos, event = walker.walk(buf, pos, end)
+                    if event == NEED_MORE:
+                        break
+                elif walker.remaining:
+                    take = min(walker.remaining, end - pos)
                     if sniff is not None:
                         sniff[1] += view[pos:pos + min(take, sniff[2] - len(sniff[1]))]
                         if len(sniff[1]) >= sniff[2]:
                             create = sniff_create(*sniff)
                             sniff = None
                     pos += take
-                    remaining -= take
-                    if not remaining and frame_fin and create is not None:
+                    walker.remaining -= take
+                    if not walker.remaining and walker.frame_fin and create is not None:
                         turns.append(create[0])
                         create = None
                     continue
                 header = frames.parse_header(buf, pos, end)
                 if header is None:
                     break
-                self.frames_to_upstream += 1
+                walker.frames += 1
                 fin, rsv, opcode, mask_key, length, header_length = header
                 try:
-                    if rsv or opcode > OP_BINARY or mask_key is None or length >> 63:
-                        frames.check_header(rsv, opcode, fin, length, mask_key, expect_masked=True)
-                    in_message = _check_sequence(opcode, fin, in_message)
+                    frames.check_header(rsv, opcode, fin, length, mask_key, expect_masked=True)
+                    walker.in_message = _check_sequence(opcode, fin, walker.in_message)
                     if opcode < OP_CLOSE:
-                        message_size = length if opcode != OP_CONTINUATION else message_size + length
+                        message_size = length if opcode != OP_CONTINUATION else walker.message_size + length
                         if message_size > self.read_limit:
                             raise ProtocolError("message of %d bytes is over the %d-byte limit"
                                                 % (message_size, self.read_limit), frames.CLOSE_MESSAGE_TOO_BIG)
@@ -453,6 +470,8 @@ class Splice:
                         self._send_up(view[pos:frame_end])
                     return self._report(Exit("client_close", CLIENT_TO_UPSTREAM, "client", True,
                                              close_code=code, close_reason=reason, close_forwarded=forward))
+                walker.message_size = message_size
+                walker.data_frames += 1
                 if opcode != OP_CONTINUATION:
                     create = None
                     if opcode == OP_TEXT and length:
@@ -463,13 +482,13 @@ class Splice:
                                                   length > wanted or not fin)
                         else:
                             sniff = [mask_key, bytearray(), wanted, length > wanted or not fin]
-                frame_fin = fin
+                walker.frame_fin = bool(fin)
                 pos += header_length
-                remaining = length
+                walker.remaining = length
                 if not length and fin and create is not None:
                     turns.append(create[0])
                     create = None
-            if flush_from < pos and not self._send_up(view[flush_from:pos], remaining > 0):
+            if flush_from < pos and not self._send_up(view[flush_from:pos], walker.remaining > 0):
                 return self._exit
             if turns:
                 self._start_turns(turns)
@@ -485,6 +504,9 @@ class Splice:
             self._turn_changed()
             self.trace("turn_start", direction=CLIENT_TO_UPSTREAM, model=model)
         del models[:]
+
+
+_TERMINAL_TYPES = tuple(t.encode("ascii") for t in usage.TERMINAL_EVENTS)
 
 
 def _check_sequence(opcode, fin, in_message):
