@@ -7,10 +7,14 @@ its fields (:func:`parse_line`).  Callers never pass secrets: keys
 are only ever named by their key_id, and request headers are not traced.
 """
 
+import atexit
 import json
 import sys
 import threading
 import time
+
+import gevent
+from gevent import monkey
 
 _BARE_OK = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-.:/@+")
 
@@ -30,10 +34,19 @@ def _format_value(value):
     return json.dumps(text)
 
 
+_second = [None, ""]  # the last whole second formatted, and its text (strftime costs more than a line's rest)
+
+
+def _stamp(now):
+    second = int(now)
+    if _second[0] != second:
+        _second[:] = [second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))]
+    return "%s.%03dZ" % (_second[1], int((now - second) * 1000))
+
+
 def format_line(stage, fields, now=None):
     now = time.time() if now is None else now
-    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + ".%03dZ" % int((now % 1) * 1000)
-    parts = ["ts=" + stamp, "stage=" + _format_value(stage)]
+    parts = ["ts=" + _stamp(now), "stage=" + _format_value(stage)]
     parts.extend("%s=%s" % (key, _format_value(value)) for key, value in fields.items())
     return " ".join(parts)
 
@@ -61,27 +74,51 @@ def parse_line(line):
     return out
 
 
+_native_thread_id = monkey.get_original("_thread", "get_ident")
+
+
 class Tracer:
-    """Writes trace lines to a stream (standard error by default) or appends them to ``path``."""
+    """Writes trace lines to a stream (standard error by default) or appends them to ``path``.
+
+    Lines emitted by the hub's thread within one turn of the event loop go out in one write at its end (a
+    handshake emits several); lines from other threads (the usage store's) are written at once.
+    """
 
     def __init__(self, stream=None, path=None):
         self._path = path
-        self._stream = open(path, "a", encoding="utf-8", buffering=1) if path else (stream or sys.stderr)
+        self._stream = open(path, "a", encoding="utf-8") if path else (stream or sys.stderr)
         self._lock = threading.Lock()
+        self._pending = []
+        self._hub_thread = _native_thread_id()
         self.listeners = []
+        atexit.register(self.flush)  # lines of the loop's last turn, when the process ends inside it
 
     def emit(self, stage, **fields):
         line = format_line(stage, fields)
         for listener in self.listeners:
             listener(stage, fields)
         with self._lock:
+            self._pending.append(line)
+            if len(self._pending) > 1:
+                return  # a flush is already due
+        if _native_thread_id() == self._hub_thread:
+            gevent.get_hub().loop.run_callback(self.flush)
+        else:
+            self.flush()
+
+    def flush(self):
+        with self._lock:
+            lines, self._pending = self._pending, []
+            if not lines:
+                return
             try:
-                self._stream.write(line + "\n")
+                self._stream.write("\n".join(lines) + "\n")
                 self._stream.flush()
             except (OSError, ValueError):
                 pass  # a closed or broken trace stream must never take a session down
 
     def close(self):
+        self.flush()
         if self._path:
             self._stream.close()
 
