@@ -50,6 +50,21 @@ def disable_cookie_jar():
 
 disable_cookie_jar()
 
+# The most an upstream's handshake response head may take (websocket-client itself sets no bound).
+MAX_RESPONSE_HEAD = 64 * 1024
+_library_read_headers = _handshake.read_headers
+
+
+def _read_headers(sock):
+    """websocket-client reads the response head with one ``recv(1)`` call per byte (a few hundred calls, a
+    quarter of the relay's CPU per handshake); the relay's own sockets serve it from their buffer instead."""
+    if isinstance(sock, _HandshakeReader):
+        return sock.read_head()
+    return _library_read_headers(sock)
+
+
+_handshake.read_headers = _read_headers
+
 
 class DialError(Exception):
     """The upstream handshake failed; ``status`` is the HTTP status for the client, ``code`` an error code."""
@@ -256,8 +271,9 @@ class _HandshakeReader:
     """The socket as websocket-client sees it during the handshake.
 
     websocket-client reads the handshake response one byte per ``recv`` call (a few hundred calls per dial);
-    this reads whatever has arrived in one call and serves the library from it.  Bytes past the response
-    headers (frames the upstream sent right behind its 101) are kept for the relay (:meth:`rest`).
+    this reads whatever has arrived in one call and parses the head from it (:meth:`read_head`, in place of the
+    library's ``read_headers``).  Bytes past the response head (frames the upstream sent right behind its 101)
+    are kept for the relay (:meth:`rest`), and a body of a refusal is served to the library from the buffer.
     """
 
     def __init__(self, sock):
@@ -277,6 +293,59 @@ class _HandshakeReader:
 
     def rest(self):
         return self._data[self._pos:]
+
+    def gettimeout(self):
+        return self.sock.gettimeout()
+
+    def read_head(self):
+        """``(status, headers, status_message)`` parsed exactly as websocket-client's ``read_headers`` does."""
+        status = status_message = None
+        headers = {}
+        while True:
+            line = self._line()
+            try:
+                line = line.decode("utf-8").strip()
+            except UnicodeDecodeError as exc:
+                raise websocket.WebSocketException(
+                    "Invalid header line, not valid UTF-8 at byte %d: %r" % (exc.start, line))
+            if not line:
+                return status, headers, status_message
+            if not status:
+                status_info = line.split(" ", 2)
+                try:
+                    status = int(status_info[1])
+                except (IndexError, ValueError):
+                    raise websocket.WebSocketException("Invalid status line: %r" % line)
+                if len(status_info) > 2:
+                    status_message = status_info[2]
+                continue
+            kv = line.split(":", 1)
+            if len(kv) != 2:
+                raise websocket.WebSocketException("Invalid header")
+            key, value = kv[0].lower(), kv[1].strip()
+            if key == "set-cookie" and headers.get("set-cookie"):
+                headers[key] = headers[key] + "; " + value
+            else:
+                headers[key] = value
+
+    def _line(self):
+        start = self._pos
+        while True:
+            newline = self._data.find(b"\n", start)
+            if newline >= 0:
+                line = self._data[self._pos:newline + 1]
+                self._pos = newline + 1
+                return line
+            if len(self._data) - self._pos > MAX_RESPONSE_HEAD:
+                raise websocket.WebSocketException(
+                    "upstream handshake response head is over %d bytes" % MAX_RESPONSE_HEAD)
+            start = len(self._data)
+            data = self.sock.recv(65536)
+            if not data:
+                raise websocket.WebSocketConnectionClosedException("Connection to remote host was lost.")
+            self._data = self._data[self._pos:] + data
+            start -= self._pos
+            self._pos = 0
 
     def __getattr__(self, name):
         return getattr(self.sock, name)
