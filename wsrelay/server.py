@@ -114,14 +114,12 @@ class RelayApp:
                 del self.per_key[key_id]
 
     def _relay(self, handler, environ, key_id, authorization):
-        ws = "gateway.openai_ws."
         try:
             up = upstream.dial(self.config["upstream.url"], upstream.select_headers(environ),
                                authorization=authorization,
                                subprotocols=header_tokens(environ.get("HTTP_SEC_WEBSOCKET_PROTOCOL")),
                                timeout=self.config["upstream.connect_timeout_seconds"],
-                               context=self.tls_context,
-                               write_timeout=self.config[ws + "write_timeout_seconds"])
+                               context=self.tls_context)
         except upstream.DialError as exc:
             self.tracer.emit("dial_failed", status=exc.status, code=exc.code, error=exc.message, key_id=key_id)
             headers = [("Retry-After", exc.retry_after)] if exc.retry_after else []
@@ -138,7 +136,6 @@ class RelayApp:
             up.sock.close()
             return
         sock, initial = handler.take_over()
-        sock.settimeout(self.config[ws + "write_timeout_seconds"])
         session = Session(sock, up.sock, self.config, self.tracer, self.store, key_id=key_id, initial=initial,
                           up_initial=up.initial)
         self.sessions.add(session)

@@ -78,6 +78,11 @@ class Splice:
         self.idle_timeout = config[ws + "ingress_inter_turn_idle_timeout_seconds"]
         self.read_timeout = config[ws + "read_timeout_seconds"]
         self.close_timeout = config[ws + "close_timeout_seconds"]
+        self.write_timeout = config[ws + "write_timeout_seconds"]
+        # Reads wait without a timer (a gevent socket with a timeout arms one per blocking read); writes are
+        # bounded by write_timeout in _write.
+        down_sock.settimeout(None)
+        up_sock.settimeout(None)
         self.max_event_bytes = config["usage.max_event_bytes"]
         self.ledger = usage.TurnLedger(self.id, key_id)
         # The frame walk of each direction; its state is the pump's fragmentation state.
@@ -126,6 +131,22 @@ class Splice:
     def trace(self, stage, **fields):
         self.tracer.emit(stage, session=self.id, **fields)
 
+    def _write(self, sock, data):
+        """Write all of ``data`` or raise: :class:`socket.timeout` when the peer takes none of it for
+        ``write_timeout`` (per wait), OSError when the connection is gone.
+
+        Only while a write is under way does the socket carry a timeout: a read that starts waiting meanwhile
+        may time out, which the pumps take as nothing read.  One ``send`` (no timer, no ``getsockopt`` as in
+        gevent's ``sendall``) is all it takes unless the kernel's buffer is full.
+        """
+        sock.settimeout(self.write_timeout)
+        try:
+            sent = sock.send(data)
+            if sent < len(data):
+                sock.sendall(memoryview(data)[sent:])
+        finally:
+            sock.settimeout(None)
+
     def _report(self, exit_):
         """Record how a side ended (the first report wins) and stop using a connection that is broken."""
         if self._exit is None:
@@ -157,7 +178,7 @@ class Splice:
             self._down_lock.acquire()
             self._down_locked = True
         try:
-            self.down_sock.sendall(data)
+            self._write(self.down_sock, data)
         except (OSError, socket.timeout) as exc:
             self._down_locked = False
             self._down_lock.release()
@@ -180,7 +201,7 @@ class Splice:
             return False  # a forwarded frame is half written; nothing may follow it but its own bytes
         with self._down_lock:
             try:
-                self.down_sock.sendall(frame)
+                self._write(self.down_sock, frame)
             except (OSError, socket.timeout):
                 return False
         return True
@@ -198,7 +219,7 @@ class Splice:
         with self._down_lock:
             if not self.downstream_open or self.down_in_message or not self.ledger.in_flight:
                 return False
-            self.down_sock.sendall(frame)
+            self._write(self.down_sock, frame)
             self.last_downstream_write = time.monotonic()
         return True
 
@@ -219,7 +240,7 @@ class Splice:
                 raise OSError("client already gone")
             if time.monotonic() - self.last_downstream_write < interval:
                 return None
-            self.down_sock.sendall(frames.build_frame(OP_PING, payload))
+            self._write(self.down_sock, frames.build_frame(OP_PING, payload))
             self.last_downstream_write = sent_at = time.monotonic()
         return sent_at
 
@@ -234,7 +255,7 @@ class Splice:
         if not self.upstream_open:
             return True
         try:
-            self.up_sock.sendall(data)
+            self._write(self.up_sock, data)
         except (OSError, socket.timeout) as exc:
             self._report(Exit("upstream_write_failed", CLIENT_TO_UPSTREAM, "upstream", False, error=_describe(exc)))
             return False

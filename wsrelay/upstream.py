@@ -132,7 +132,7 @@ def tls_context(ca_file=None):
     return context
 
 
-def dial(url, headers, authorization=None, subprotocols=None, timeout=10.0, context=None, write_timeout=60.0):
+def dial(url, headers, authorization=None, subprotocols=None, timeout=10.0, context=None):
     """Open the upstream WebSocket.  ``headers`` are already filtered; ``authorization`` is the full header value.
 
     Returns an :class:`Upstream`; raises :class:`DialError`.  Runs in the calling greenlet; the whole handshake,
@@ -159,7 +159,6 @@ def dial(url, headers, authorization=None, subprotocols=None, timeout=10.0, cont
         if chosen and chosen not in (subprotocols or ()):
             raise DialError(502, "upstream_bad_subprotocol", "upstream chose a subprotocol the client did not offer")
         ws.sock = None  # the relay owns the socket now; the library object must never touch it again
-        reader.sock.settimeout(write_timeout)
     except BaseException:
         if reader is not None:
             _close(reader.sock)
