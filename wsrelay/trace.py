@@ -9,6 +9,7 @@ are only ever named by their key_id, and request headers are not traced.
 
 import atexit
 import json
+import re
 import sys
 import threading
 import time
@@ -16,7 +17,7 @@ import time
 import gevent
 from gevent import monkey
 
-_BARE_OK = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-.:/@+")
+_BARE = re.compile(r"[A-Za-z0-9_\-.:/@+]+\Z").match  # values written without quotes
 
 
 def _format_value(value):
@@ -29,7 +30,7 @@ def _format_value(value):
     if isinstance(value, float):
         value = "%.6g" % value
     text = str(value)
-    if text and all(c in _BARE_OK for c in text):
+    if _BARE(text):
         return text
     return json.dumps(text)
 
