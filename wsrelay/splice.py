@@ -31,7 +31,7 @@ KEEPALIVE = "downstream_keepalive"
 # Receive buffers start small (an idle session costs little) and double, up to MAX_BUFFER_SIZE, whenever a read
 # fills one (a busy stream moves in fewer, larger reads).
 _READ_DIRECTION = {"client": CLIENT_TO_UPSTREAM, "upstream": UPSTREAM_TO_CLIENT}
-BUFFER_SIZE = 4 * 1024
+BUFFER_SIZE = 1024
 MAX_BUFFER_SIZE = 256 * 1024
 
 

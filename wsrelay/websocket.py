@@ -12,6 +12,7 @@ import base64
 import binascii
 import hashlib
 import http.client
+import io
 import json
 import socket
 
@@ -144,12 +145,17 @@ class RelayHandler(WebSocketHandler):
             pass  # not TCP (a test's socket pair)
         timeout = sock.gettimeout()
         sock.settimeout(0.0)
+        # pywsgi's reader and its 8 KiB buffer would otherwise live as long as the session (and keep the
+        # socket's descriptor open past the session's close); pywsgi reads nothing more after a 101.
+        rfile, self.rfile = self.rfile, io.BytesIO()
+        self.__dict__.pop("headers", None)  # the parsed request headers (pywsgi's class default is empty)
         try:
-            initial = self.rfile.read1(1 << 20) or b""
+            initial = rfile.read1(1 << 20) or b""
         except (OSError, ValueError):
             initial = b""
         finally:
             sock.settimeout(timeout)
+            rfile.close()
         return sock, initial
 
     def handle_one_request(self):
