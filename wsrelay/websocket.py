@@ -14,8 +14,10 @@ import hashlib
 import http.client
 import io
 import json
+import re
 import socket
 
+from gevent import pywsgi
 from geventwebsocket.handler import WebSocketHandler
 
 GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
@@ -40,6 +42,44 @@ def _error_response(status, code, message):
     head = ("HTTP/1.1 %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\nConnection: close\r\n\r\n"
             % (status_line(status), len(body)))
     return str(status), head.encode("latin-1") + body
+
+
+# http.client's limits, which pywsgi's header parsing applies.
+_MAX_LINE = 65536
+_MAX_HEADERS = 100
+# A header line the email parser would read as ``(name, value)`` without a second look: a plain token name,
+# one line, no stray CR.
+_PLAIN_HEADER = re.compile(rb"([!-9;-~]+):[ \t]*([^\r\n]*)\r?\n\Z")
+
+
+def parse_request_headers(fp):
+    """pywsgi's request headers (its ``OldMessage``), as ``http.client.parse_headers`` makes them.
+
+    The stock parse feeds the block through the email package's parser, ~7 % of the relay's CPU per handshake.
+    A block of plain lines (nearly every request) is split here instead; anything else (folded lines, lines
+    without a name, stray CRs) still goes through the stock parser, so the result is the same either way.
+    """
+    lines = []
+    while True:
+        line = fp.readline(_MAX_LINE + 1)
+        if len(line) > _MAX_LINE:
+            message = pywsgi.OldMessage()
+            message.status = "Line too long"  # what pywsgi's own factory answers
+            return message
+        lines.append(line)
+        if len(lines) > _MAX_HEADERS:
+            raise http.client.HTTPException("got more than %d headers" % _MAX_HEADERS)
+        if line in (b"\r\n", b"\n", b""):
+            break
+    headers = []
+    for line in lines[:-1]:
+        match = _PLAIN_HEADER.match(line)
+        if match is None:
+            return http.client.parse_headers(io.BytesIO(b"".join(lines)), _class=pywsgi.OldMessage)
+        headers.append((match.group(1).decode("latin-1"), match.group(2).decode("latin-1")))
+    message = pywsgi.OldMessage()
+    message._headers = headers
+    return message
 
 
 def status_line(status):
@@ -89,6 +129,9 @@ class RelayHandler(WebSocketHandler):
     ``accept_websocket(handler)`` must end by calling :meth:`refuse` or :meth:`switch_protocols`; after the latter
     it owns ``handler.socket`` (see :meth:`take_over`) until it returns.
     """
+
+    def MessageClass(self, fp, *args):
+        return parse_request_headers(fp)
 
     def run_application(self):
         accept = getattr(self.application, "accept_websocket", None)
