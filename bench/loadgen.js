@@ -52,6 +52,16 @@ const FRAME = maskedFrame(spec.binary ? 2 : 1, messagePayload(size, spec.binary)
 const WINDOW = Math.max(1, spec.window || 1);
 const BATCH = Buffer.concat(Array(WINDOW).fill(FRAME));
 const CLOSE = maskedFrame(8, Buffer.from([0x03, 0xe8]));
+// 'turns' mode: every session sends a request every spec.turnEvery seconds.  spec.turn 'create' sends a
+// response.create (the upstream answers with deltas and a billed response.completed); 'noop' sends a request of
+// the same size that no relay takes for a turn (the upstream answers with as many frames of the same sizes).
+function turnPayload(kind) {
+  const head = kind === 'create' ? '{"type":"response.create","model":"bench","input":"'
+                                 : '{"type":"bench.turn","model":"bench","input":"';
+  return Buffer.from(head + 'q'.repeat(Math.max(0, 256 - head.length - 2)) + '"}', 'latin1');
+}
+const TURN = maskedFrame(1, turnPayload(spec.turn || 'create'));
+let turnsSent = 0;
 
 const sessions = [];
 let received = 0;            // complete echoed/broadcast messages, all sessions
@@ -187,7 +197,7 @@ class Session {
   }
 
   afterRead(completed) {
-    if (!running || this.state !== 'open') return;
+    if (!running || this.state !== 'open' || spec.mode === 'turns') return;
     this.inflight -= completed;
     if (this.inflight < 0) this.inflight = 0;
     const k = WINDOW - this.inflight;
@@ -263,11 +273,26 @@ function forEachOpen(fn, timeoutMs, cb) {
   for (const s of open) fn(s, timeoutMs, (good) => { if (good) ok++; if (--left === 0) cb(ok, open.length); });
 }
 
+function startTurns(open) {
+  const every = (spec.turnEvery || 2) * 1000;
+  const timers = [];
+  open.forEach((s, i) => {
+    timers.push(setTimeout(() => {
+      const send = () => { if (s.state === 'open') { s.sock.write(TURN); turnsSent++; } };
+      send();
+      timers.push(setInterval(send, every));
+    }, (i * every) / open.length));
+  });
+  return () => { for (const t of timers) clearTimeout(t); };
+}
+
 function runMeasurement() {
   const open = sessions.filter((s) => s.state === 'open');
   running = true;
   latencies = [];
-  for (const s of open) s.send(WINDOW);
+  let stopTurns = null;
+  if (spec.mode === 'turns') stopTurns = startTurns(open);
+  else for (const s of open) s.send(WINDOW);
   const warmup = (spec.warmup || 0) * 1000;
   const duration = (spec.duration || 1) * 1000;
   let startCount, startBytes, startCpu, startT;
@@ -275,8 +300,10 @@ function runMeasurement() {
     measuring = true;
     latencies = [];
     startCount = received; startBytes = receivedBytes; startCpu = process.cpuUsage(); startT = now();
+    const startTurnsSent = turnsSent, startPings = pings;
     setTimeout(() => {
       measuring = false;
+      if (stopTurns !== null) stopTurns();
       const elapsed = (now() - startT) / 1e9;
       const cpu = process.cpuUsage(startCpu);
       running = false;
@@ -285,6 +312,7 @@ function runMeasurement() {
         event: 'result', seconds: elapsed, messages: received - startCount, bytes: receivedBytes - startBytes,
         msgs_per_s: (received - startCount) / elapsed, bytes_per_s: (receivedBytes - startBytes) / elapsed,
         cpu_s: (cpu.user + cpu.system) / 1e6, sessions: open.length,
+        turns_sent: turnsSent - startTurnsSent, pings: pings - startPings,
         lat_p50_ns: pct(sorted, 0.5), lat_p99_ns: pct(sorted, 0.99), lat_max_ns: sorted.length ? sorted[sorted.length - 1] : null,
         lat_mean_ns: sorted.length ? sorted.reduce((a, b) => a + b, 0) / sorted.length : null,
         failures, failure_sample: failureSample,

@@ -50,6 +50,23 @@ function xorInto(out, start, len, m0, m1, m2, m3, off) {
   }
 }
 
+// A client text message that starts a turn gets TURN_DELTAS delta events and a final event instead of its echo:
+// for a response.create a billed response.completed, for the bench's 'noop' request (same size) a final event of
+// the same size that nothing bills, so both kinds of turn put the same frames on the wire.
+const TURN_DELTAS = 8;
+const CREATE_PREFIX = Buffer.from('{"type":"response.create"', 'latin1');
+const NOOP_PREFIX = Buffer.from('{"type":"bench.turn"', 'latin1');
+function turnReply(finalType) {
+  const delta = '{"type":"response.output_text.delta","item_id":"msg_bench","delta":"' + 'd'.repeat(120) + '"}';
+  let done = '{"type":"' + finalType + '","response":{"id":"resp_bench","model":"bench","status":"completed",' +
+    '"usage":{"input_tokens":12,"output_tokens":8,"total_tokens":20}}';
+  done += ' '.repeat(Math.max(0, 200 - done.length - 1)) + '}';
+  const frames = [];
+  for (let i = 0; i < TURN_DELTAS; i++) frames.push(serverFrame(1, Buffer.from(delta, 'latin1')));
+  frames.push(serverFrame(1, Buffer.from(done, 'latin1')));
+  return Buffer.concat(frames);
+}
+
 function serverFrame(opcode, payload) {
   const n = payload.length;
   const head = n < 126 ? 2 : n < 65536 ? 4 : 10;
@@ -60,6 +77,24 @@ function serverFrame(opcode, payload) {
   else { f[1] = 127; f.writeBigUInt64BE(BigInt(n), 2); }
   payload.copy(f, head);
   return f;
+}
+
+let CREATE_REPLY = null;
+let NOOP_REPLY = null;
+
+function startsWith(chunk, start, len, m, prefix) {
+  if (len < prefix.length) return false;
+  for (let i = 0; i < prefix.length; i++) if ((chunk[start + i] ^ m[i & 3]) !== prefix[i]) return false;
+  return true;
+}
+
+// The reply to the turn a masked text payload at chunk[start..] starts, or null (no allocation on the way).
+function turnFor(chunk, start, len, m) {
+  if (startsWith(chunk, start, len, m, CREATE_PREFIX)) {
+    return CREATE_REPLY || (CREATE_REPLY = turnReply('response.completed'));
+  }
+  if (startsWith(chunk, start, len, m, NOOP_PREFIX)) return NOOP_REPLY || (NOOP_REPLY = turnReply('bench.turn_done'));
+  return null;
 }
 
 class Session {
@@ -181,6 +216,15 @@ class Session {
           payload.copy(out, o); o += len;
         }
         continue;
+      }
+      if ((b0 & 0x8f) === 0x81 && n - p >= hl + 4 + len) {
+        const reply = turnFor(chunk, mp + 4, len, chunk.subarray(mp, mp + 4));
+        if (reply !== null) {
+          if (o > from) { pieces.push(out.subarray(from, o)); from = o; }
+          pieces.push(reply);
+          p = mp + 4 + len;
+          continue;
+        }
       }
       out[o++] = b0;
       if (len < 126) out[o++] = len;

@@ -9,7 +9,7 @@ import time
 from .procs import HERE, BenchError, Proc, http_get_json, log, machine_busy
 
 TARGETS = ("DIRECT", "NGINX", "WSRELAY")
-SCENARIOS = ("scaling", "latency", "small", "large", "connections", "keepalive", "fanout")
+SCENARIOS = ("scaling", "latency", "small", "large", "connections", "keepalive", "fanout", "overhead")
 
 # -- load generator ---------------------------------------------------------------------------------------------
 
@@ -96,6 +96,12 @@ METRICS = {
                   ("relay_cpu_util_idle", "core", False), ("rss_per_session_KiB", "KiB", False)],
     "fanout": [("sessions", "", None), ("p50_ms", "ms", False), ("p99_ms", "ms", False), ("max_ms", "ms", False),
                ("delivered_frac", "", True)],
+    "overhead": [("added_p99_ms", "ms", False), ("added_p50_ms", "ms", False),
+                 ("probe_p99_ms_features", "ms", False), ("probe_p99_ms_bare", "ms", False),
+                 ("probe_p50_ms_features", "ms", False), ("probe_p50_ms_bare", "ms", False),
+                 ("sessions", "", None), ("turns_per_s", "turn/s", None), ("usage_recorded_per_s", "rec/s", None),
+                 ("pings_per_s", "ping/s", None), ("relay_cpu_util_features", "core", None),
+                 ("relay_cpu_util_bare", "core", None)],
 }
 
 
@@ -358,5 +364,84 @@ def sc_fanout(ctx, target, round_):
     }
 
 
+def _count_stages(path, offset, stages):
+    counts = collections.Counter()
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            for line in f:
+                for stage in stages:
+                    if b"stage=" + stage + b" " in line:
+                        counts[stage.decode()] += 1
+    except OSError:
+        pass
+    return counts
+
+
+def _overhead_phase(ctx, features):
+    """One phase of ``overhead``: a fresh relay (keepalive on or off), ``ctx.ov_sessions`` sessions each
+    starting a turn every ``ctx.ov_turn_every`` seconds, and a latency probe on a session of its own."""
+    if features:
+        ctx.stack.restart_wsrelay(ctx.ov_interval, ctx.ov_timeout)
+    else:
+        ctx.stack.restart_wsrelay(0, ctx.ov_timeout)
+    name, port, proc = ctx.stack.target("WSRELAY")
+    offset = _trace_size(ctx.stack.trace_path)
+    warmup, duration = ctx.ov_warmup, ctx.duration
+    load = Clients(ctx, port, 1, ctx.ov_sessions, mode="turns", turn="create" if features else "noop",
+                   turnEvery=ctx.ov_turn_every, warmup=warmup, duration=duration, concurrency=200,
+                   maxSeconds=int(warmup + duration + 120))
+    probe = None
+    try:
+        ready = load.expect_all("ready", 90)[0]
+        if ready["opened"] < ctx.ov_sessions:
+            raise BenchError("overhead: only %d of %d sessions opened (%s)" % (
+                ready["opened"], ctx.ov_sessions, ready["failure_sample"]))
+        probe = Clients(ctx, port, 1, 1, mode="latency", window=1, size=256, warmup=warmup, duration=duration,
+                        maxSeconds=int(warmup + duration + 60))
+        probe.expect_all("ready", 30)
+        load.send_all("go")
+        probe.send_all("go")
+        time.sleep(warmup)
+        c0, t0 = proc.cpu_seconds(), time.monotonic()
+        time.sleep(duration)
+        util = (proc.cpu_seconds() - c0) / (time.monotonic() - t0)
+        turns = load.expect_all("result", duration + 60)[0]
+        lat = probe.expect_all("result", duration + 60)[0]
+    finally:
+        if probe is not None:
+            probe.close()
+        load.close(60)
+    time.sleep(0.3)  # the relay's last trace lines
+    counts = _count_stages(ctx.stack.trace_path, offset, (b"usage_recorded", b"downstream_ping_ok"))
+    return {"p50_ms": lat["lat_p50_ns"] / 1e6, "p99_ms": lat["lat_p99_ns"] / 1e6, "cpu": util,
+            "turns_per_s": turns["turns_sent"] / turns["seconds"], "pings_per_s": turns["pings"] / turns["seconds"],
+            "usage_recorded": counts["usage_recorded"], "failures": turns["failures"] + lat["failures"],
+            "wall": warmup + duration}
+
+
+def sc_overhead(ctx, target, round_):
+    """What usage recording and keepalive Pings add to a frame's trip through the relay under load: the same
+    traffic with both (turns are response.create, billed; Pings every ov_interval) and without (same-size
+    requests nobody bills, keepalive off); the phases alternate in order from round to round."""
+    order = (False, True) if round_ % 2 == 0 else (True, False)
+    phases = {features: _overhead_phase(ctx, features) for features in order}
+    on, off = phases[True], phases[False]
+    return {
+        "sessions": ctx.ov_sessions,
+        "added_p99_ms": on["p99_ms"] - off["p99_ms"],
+        "added_p50_ms": on["p50_ms"] - off["p50_ms"],
+        "probe_p99_ms_features": on["p99_ms"], "probe_p99_ms_bare": off["p99_ms"],
+        "probe_p50_ms_features": on["p50_ms"], "probe_p50_ms_bare": off["p50_ms"],
+        "turns_per_s": on["turns_per_s"],
+        # Records of the whole phase (warm-up included) over the turns of the measured window's rate.
+        "usage_recorded_per_s": on["usage_recorded"] / on["wall"],
+        "pings_per_s": on["pings_per_s"],
+        "pings_per_s_bare": off["pings_per_s"],
+        "relay_cpu_util_features": on["cpu"], "relay_cpu_util_bare": off["cpu"],
+        "failures": on["failures"] + off["failures"],
+    }
+
+
 RUNNERS = {"scaling": sc_scaling, "latency": sc_latency, "small": sc_small, "large": sc_large,
-           "connections": sc_connections, "keepalive": sc_keepalive, "fanout": sc_fanout}
+           "connections": sc_connections, "keepalive": sc_keepalive, "fanout": sc_fanout, "overhead": sc_overhead}
