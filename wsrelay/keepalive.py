@@ -5,10 +5,12 @@ that carries nothing; Ping frames are traffic for all of them.  The rules:
 
 * nothing before the first downstream business frame (a session that never started is never kept alive);
 * a Ping only after a full interval without any downstream write (business writes postpone it);
-* the Ping goes out at a frame boundary (the session's downstream write lock) and its Pong is awaited with
-  ``gevent.Timeout``; a failed write or a missing Pong means the client is gone (a graceful disconnect).
+* the Ping goes out at a frame boundary (the session's downstream write lock) and its Pong is awaited for
+  ``timeout``; a failed write or a missing Pong means the client is gone (a graceful disconnect).
 
-Nothing runs until a Ping is due: a hub timer wakes it, never a polling loop.
+Nothing runs until a Ping is due: a hub timer wakes it, never a polling loop.  Usually the whole round happens in
+the hub (the Ping written without blocking, the Pong awaited by a second timer); only when the write could block
+(a frame half written, a full socket buffer) does a greenlet do it.
 """
 
 import itertools
@@ -35,10 +37,12 @@ def ping_due_in(now, last_write, interval):
 class Keepalive:
     """The downstream keepalive of one session.
 
-    Between Pings it is only a hub timer (an idle session holds no greenlet for it); when a Ping is due, a
-    short-lived greenlet sends it and awaits the Pong with ``gevent.Timeout``, then re-arms the timer.
+    Between Pings it is only a hub timer (an idle session holds no greenlet for it).  When a Ping is due the
+    timer's callback writes it if that cannot block and arms a Pong timer; otherwise a short-lived greenlet
+    sends it and awaits the Pong with ``gevent.Timeout``.  Either way the Ping timer is re-armed after the Pong.
 
     ``session`` provides: ``first_business_write`` (gevent Event), ``last_downstream_write`` (monotonic seconds),
+    ``try_send_ping(payload)`` (send time, or None when it would block; raises OSError when the client is gone),
     ``send_ping(payload, interval)`` (raises OSError when the client is gone, PingUnsupported when it cannot
     ping), ``pong_event`` (gevent Event the client pump sets on the matching Pong), ``expected_pong``
     (attribute), ``trace(stage, **fields)`` and ``keepalive_failed(error)``.
@@ -52,6 +56,8 @@ class Keepalive:
         self.timeout = timeout
         self.clock = clock
         self._timer = None
+        self._pong_timer = None
+        self._sent_at = None
         self._round = None
         self._stopped = False
 
@@ -63,6 +69,7 @@ class Keepalive:
         self._stopped = True
         self.session.first_business_write.unlink(self._arm)
         self._disarm()
+        self._end_pong_wait()
         if self._round is not None and self._round is not gevent.getcurrent():
             self._round.kill(block=False)
 
@@ -81,18 +88,61 @@ class Keepalive:
             self._timer = None
 
     def _due(self):
-        # In the hub: a write since the timer was set moves the Ping back; otherwise a greenlet does the round.
+        # In the hub: a write since the timer was set moves the Ping back; otherwise the round starts here, or in
+        # a greenlet when the Ping cannot be written without blocking.
         if ping_due_in(self.clock(), self.session.last_downstream_write, self.interval) > 0:
             self._arm()
         elif not self._stopped:
             self._disarm()
-            self._round = gevent.spawn(self._ping_round)
+            if not self._ping_from_hub():
+                self._round = gevent.spawn(self._ping_round)
+
+    def _expect(self):
+        payload = b"wsrelay-keepalive-%d" % next(self._counter)
+        self.session.pong_event.clear()
+        self.session.expected_pong = payload
+        return payload
+
+    def _ping_from_hub(self):
+        """The round without a greenlet; False when the Ping could not be written without blocking."""
+        session = self.session
+        try:
+            sent_at = session.try_send_ping(self._expect())
+        except OSError as exc:
+            session.keepalive_failed("ping write failed: %s" % (exc.strerror or exc))
+            return True
+        if sent_at is None:
+            return False
+        self._sent_at = sent_at
+        self._pong_timer = gevent.get_hub().loop.timer(self.timeout)
+        self._pong_timer.start(self._pong_missing)
+        session.pong_event.rawlink(self._pong_seen)
+        return True
+
+    def _end_pong_wait(self):
+        self.session.pong_event.unlink(self._pong_seen)
+        if self._pong_timer is not None:
+            self._pong_timer.stop()
+            self._pong_timer.close()
+            self._pong_timer = None
+
+    def _pong_seen(self, _event):
+        self._end_pong_wait()
+        if self._stopped:
+            return
+        session = self.session
+        session.trace(STAGE_OK, direction=DIRECTION, graceful=True, wrote_downstream=session.wrote_downstream,
+                      rtt_ms=round((self.clock() - self._sent_at) * 1000.0, 3))
+        self._arm()
+
+    def _pong_missing(self):
+        self._end_pong_wait()
+        if not self._stopped:
+            self.session.keepalive_failed("no pong within %gs" % self.timeout)
 
     def _ping_round(self):
         session = self.session
-        payload = b"wsrelay-keepalive-%d" % next(self._counter)
-        session.pong_event.clear()
-        session.expected_pong = payload
+        payload = self._expect()
         try:
             sent_at = session.send_ping(payload, self.interval)
         except PingUnsupported:

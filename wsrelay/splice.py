@@ -15,6 +15,7 @@ import time
 import uuid
 from dataclasses import dataclass
 
+import gevent
 from gevent.event import Event
 from gevent.lock import Semaphore
 
@@ -243,6 +244,41 @@ class Splice:
             self._write(self.down_sock, frames.build_frame(OP_PING, payload))
             self.last_downstream_write = sent_at = time.monotonic()
         return sent_at
+
+    def try_send_ping(self, payload):
+        """Write a Ping from the hub if that cannot block: its send time, or None when the write lock is taken or
+        the socket's buffer is full (the keepalive then does it in a greenlet, with :meth:`send_ping`).
+        Raises OSError when the client is gone."""
+        if not self.ping_supported or not self.downstream_open or not self._down_lock.acquire(blocking=False):
+            return None
+        frame = frames.build_frame(OP_PING, payload)
+        sock = self.down_sock
+        sock.settimeout(0.0)
+        try:
+            sent = sock.send(frame)
+        except BlockingIOError:
+            self._down_lock.release()
+            return None
+        except BaseException:
+            self._down_lock.release()
+            raise
+        finally:
+            sock.settimeout(None)
+        self.last_downstream_write = sent_at = time.monotonic()
+        if sent < len(frame):
+            # Rare (a nearly full buffer): the rest of the frame follows from a greenlet, under the lock taken.
+            gevent.spawn(self._finish_ping, frame[sent:])
+        else:
+            self._down_lock.release()
+        return sent_at
+
+    def _finish_ping(self, rest):
+        try:
+            self._write(self.down_sock, rest)
+        except (OSError, socket.timeout) as exc:
+            self._report(Exit("client_write_failed", KEEPALIVE, "client", True, error=_describe(exc)))
+        finally:
+            self._down_lock.release()
 
     def keepalive_failed(self, error):
         if self._exit is not None:
