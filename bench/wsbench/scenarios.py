@@ -88,7 +88,10 @@ METRICS = {
               ("upstream_cpu_util", "core", None), ("machine_cpu_util", "core", None)],
     "connections": [("handshakes_per_s", "hs/s", True), ("handshake_p50_ms", "ms", False),
                     ("handshake_p99_ms", "ms", False), ("rss_per_session_KiB", "KiB", False),
-                    ("target_cpu_ms_per_handshake", "ms", False), ("failed", "", False)],
+                    ("target_cpu_ms_per_handshake", "ms", False), ("failed", "", False)] + [
+                    (key + "_%d" % n, unit, better) for n in (5000, 9000)
+                    for key, unit, better in (("sessions", "", None), ("handshakes_per_s", "hs/s", True),
+                                              ("rss_per_session_KiB", "KiB", False), ("failed", "", False))],
     "keepalive": [("sessions", "", None), ("pings_received", "", None), ("pongs_sent", "", None),
                   ("relay_ping_ok", "", None), ("relay_ping_failed", "", False),
                   ("lateness_p50_ms", "ms", False), ("lateness_p99_ms", "ms", False),
@@ -207,6 +210,17 @@ def sc_large(ctx, target, round_):
 
 
 def sc_connections(ctx, target, round_):
+    """Sessions opened 200 at a time and held idle: ``ctx.conn_sessions`` of them, then (``--full``) each size in
+    ``ctx.conn_more`` on a fresh process again, reported with the size appended to the metric names."""
+    out = _open_sessions(ctx, target, ctx.conn_sessions)
+    for n in ctx.conn_more:
+        more = _open_sessions(ctx, ctx.stack.target(target[0]), n)
+        for key in ("sessions", "handshakes_per_s", "rss_per_session_KiB", "failed"):
+            out["%s_%d" % (key, n)] = more[key]
+    return out
+
+
+def _open_sessions(ctx, target, n):
     name, port, proc = target
     ctx.stack.restart(name)                 # a fresh process: RSS before/after is then per-session memory
     name, port, proc = ctx.stack.target(name)
@@ -220,7 +234,6 @@ def sc_connections(ctx, target, round_):
     if hook is not None:
         hook()
     rss0, cpu0 = proc.rss_bytes(), proc.cpu_seconds()
-    n = ctx.conn_sessions
     clients = Clients(ctx, port, 1, n, concurrency=200, maxSeconds=120)
     try:
         ready = clients.expect_all("ready", 90)[0]
