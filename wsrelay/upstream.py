@@ -19,7 +19,7 @@ from ._gevent import patch
 patch()  # before websocket-client binds socket, ssl and threading
 
 import websocket  # noqa: E402
-from websocket import _handshake  # noqa: E402
+from websocket import _handshake, _url  # noqa: E402
 
 # Headers a client may pass on; everything else (hop-by-hop, Origin, Cookie, Host, Sec-WebSocket-*) stays here.
 FORWARDED_HEADERS = frozenset(h.lower() for h in (
@@ -148,17 +148,15 @@ def dial(url, headers, authorization=None, subprotocols=None, timeout=10.0, cont
     started = time.monotonic()
     reader = None
     try:
-        ws, reader = _open(url, lines, timeout, context)
-        status = ws.getstatus()
-        if status != 101:
+        response, reader = _open(url, lines, timeout, context)
+        if response.status != 101:
             # Only a redirect gets here (redirects are not followed).
-            raise DialError(502, "upstream_redirect", "upstream answered the handshake with %s" % status)
-        response_headers = ws.getheaders() or {}
+            raise DialError(502, "upstream_redirect", "upstream answered the handshake with %s" % response.status)
+        response_headers = response.headers or {}
         chosen = response_headers.get("sec-websocket-protocol")
         chosen = chosen.strip() if chosen else None
         if chosen and chosen not in (subprotocols or ()):
             raise DialError(502, "upstream_bad_subprotocol", "upstream chose a subprotocol the client did not offer")
-        ws.sock = None  # the relay owns the socket now; the library object must never touch it again
     except BaseException:
         if reader is not None:
             _close(reader.sock)
@@ -168,15 +166,21 @@ def dial(url, headers, authorization=None, subprotocols=None, timeout=10.0, cont
 
 
 def _open(url, lines, timeout, context):
-    """``(websocket-client's WebSocket, _HandshakeReader)`` after the handshake; failures become DialError."""
+    """``(websocket-client's handshake response, _HandshakeReader)``; failures become DialError.
+
+    The library's handshake function speaks the HTTP upgrade over the relay's socket (request, response,
+    ``Sec-WebSocket-Accept`` check) without a ``WebSocket`` object around it: the relay never uses one after
+    the handshake, and each left a reference cycle for the garbage collector.  Redirects are returned, not
+    followed (they could carry the operator's credential to another host).
+    """
     reader = None
     try:
         with gevent.Timeout(timeout):
             reader = _HandshakeReader(_connect(url, timeout, context))
-            ws = websocket.create_connection(
-                url, timeout=timeout, header=lines, socket=reader,
-                suppress_origin=True, skip_utf8_validation=True, enable_multithread=False, redirect_limit=0)
-        return ws, reader
+            hostname, port, resource, _ = _url.parse_url(url)
+            response = _handshake.handshake(reader, url, hostname, port, resource, header=lines,
+                                            suppress_origin=True)
+        return response, reader
     except BaseException as exc:
         if reader is not None:
             _close(reader.sock)
