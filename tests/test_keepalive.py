@@ -135,3 +135,14 @@ def test_try_send_ping_declines_mid_frame_and_on_a_full_buffer():
         pass
     assert splice.try_send_ping(b"p") is None
     assert not splice._down_lock.locked()
+
+
+def test_try_send_ping_leaves_tls_clients_to_the_greenlet_path():
+    import ssl
+    down, client = socket.socketpair()
+    tls = ssl.create_default_context().wrap_socket(down, server_hostname="client", do_handshake_on_connect=False)
+    up, upstream_end = socket.socketpair()
+    splice = Splice(tls, up, config.load(), NullTracer())
+    # A TLS write that would block must be retried with the same bytes: never attempted from the hub.
+    assert splice.try_send_ping(b"p") is None
+    assert not splice._down_lock.locked()

@@ -11,11 +11,13 @@ settles the session from there.
 """
 
 import socket
+import ssl
 import time
 import uuid
 from dataclasses import dataclass
 
 import gevent
+from gevent import ssl as gevent_ssl
 from gevent.event import Event
 from gevent.lock import Semaphore
 
@@ -69,6 +71,9 @@ class Splice:
         self.initial = initial        # client bytes read along with its handshake
         self.up_initial = up_initial  # upstream bytes read along with its 101
         self.ping_supported = ping_supported
+        # A TLS write that would block must be retried with the same bytes, so only a plain TCP client gets
+        # Pings written straight from the hub (try_send_ping); a TLS one always gets them from a greenlet.
+        self._hub_pings = not isinstance(down_sock, (ssl.SSLSocket, gevent_ssl.SSLSocket))
         ws = "gateway.openai_ws."
         self.ping_interval = config[ws + "passthrough_downstream_ping_interval_seconds"]
         self.ping_timeout = config[ws + "passthrough_downstream_ping_timeout_seconds"]
@@ -249,7 +254,8 @@ class Splice:
         """Write a Ping from the hub if that cannot block: its send time, or None when the write lock is taken or
         the socket's buffer is full (the keepalive then does it in a greenlet, with :meth:`send_ping`).
         Raises OSError when the client is gone."""
-        if not self.ping_supported or not self.downstream_open or not self._down_lock.acquire(blocking=False):
+        if not (self._hub_pings and self.ping_supported and self.downstream_open) \
+                or not self._down_lock.acquire(blocking=False):
             return None
         frame = frames.build_frame(OP_PING, payload)
         sock = self.down_sock

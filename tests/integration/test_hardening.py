@@ -132,7 +132,7 @@ def tls_connect(url, cafile):
     return FrameSocket(sock, rest, client=True)
 
 
-def test_relay_serves_wss_with_its_own_certificate(fake, relay, certificate, store):
+def test_relay_serves_wss_with_its_own_certificate(fake, relay, certificate, store, tracer):
     cert, key = certificate
     _, url = fake(silence=0.5)
     relay_url = relay(url, server__tls_cert=cert, server__tls_key=key,
@@ -141,6 +141,7 @@ def test_relay_serves_wss_with_its_own_certificate(fake, relay, certificate, sto
     client.send(OP_TEXT, CREATE)
     read_until_marker(client, b'"response.completed"')
     assert store.wait(1)[0]["terminal_event"] == "response.completed"
+    assert tracer.find("downstream_ping_ok")  # Pings over TLS go out from a greenlet, and are answered
 
 
 @pytest.fixture
