@@ -16,7 +16,8 @@ import gevent
 
 from . import frames, usage
 from .keepalive import AppKeepalive, Keepalive
-from .splice import CLIENT_TO_UPSTREAM, UPSTREAM_TO_CLIENT, Exit, Splice
+from .pumps import Pumps
+from .splice import CLIENT_TO_UPSTREAM, UPSTREAM_TO_CLIENT, Exit
 
 # Upstream-side ends other than a close frame: the close the client gets.
 _CLIENT_CLOSE = {
@@ -35,7 +36,7 @@ _UPSTREAM_CLOSE = {
 _CLIENT_GONE = (frames.CLOSE_GOING_AWAY, "client disconnected")
 
 
-class Session(Splice):
+class Session(Pumps):
     """One client connection and its upstream.  ``run()`` blocks (in the connection's greenlet) until both end."""
 
     def run(self):
