@@ -35,14 +35,16 @@ def _format_value(value):
     return json.dumps(text)
 
 
-_second = [None, ""]  # the last whole second formatted, and its text (strftime costs more than a line's rest)
+_last_second = (None, "")  # the last whole second formatted, and its text (strftime costs more than a line's rest)
 
 
 def _stamp(now):
+    global _last_second
     second = int(now)
-    if _second[0] != second:
-        _second[:] = [second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))]
-    return "%s.%03dZ" % (_second[1], int((now - second) * 1000))
+    cached = _last_second  # one read: the usage store's thread may replace it meanwhile
+    if cached[0] != second:
+        cached = _last_second = (second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)))
+    return "%s.%03dZ" % (cached[1], int((now - second) * 1000))
 
 
 def format_line(stage, fields, now=None):
