@@ -91,8 +91,10 @@ def test_refusal_body_is_served_to_the_library_from_the_buffer():
     assert reader.recv(16384) == b"slow!"
 
 
-def test_endless_head_is_refused():
-    reader = upstream._HandshakeReader(Segments([b"HTTP/1.1 101 OK\r\n"] + [b"x" * 4096] * 40))
+@pytest.mark.parametrize("endless", [[b"x" * 4096] * 40, [b"X-H: v\r\n" * 512] * 40],
+                         ids=["one long line", "many short lines"])
+def test_endless_head_is_refused(endless):
+    reader = upstream._HandshakeReader(Segments([b"HTTP/1.1 101 OK\r\n"] + endless))
     with pytest.raises(websocket.WebSocketException, match="over 65536 bytes"):
         reader.read_head()
 

@@ -283,6 +283,7 @@ class _HandshakeReader:
         self.sock = sock
         self._data = b""
         self._pos = 0
+        self._head_bytes = 0  # response head lines handed out so far
 
     def recv(self, bufsize):
         if self._pos >= len(self._data):
@@ -338,8 +339,9 @@ class _HandshakeReader:
             if newline >= 0:
                 line = self._data[self._pos:newline + 1]
                 self._pos = newline + 1
+                self._head_bytes += len(line)
                 return line
-            if len(self._data) - self._pos > MAX_RESPONSE_HEAD:
+            if self._head_bytes + len(self._data) - self._pos > MAX_RESPONSE_HEAD:
                 raise websocket.WebSocketException(
                     "upstream handshake response head is over %d bytes" % MAX_RESPONSE_HEAD)
             start = len(self._data)
