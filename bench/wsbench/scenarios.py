@@ -447,7 +447,7 @@ def sc_overhead(ctx, target, round_):
         "probe_p99_ms_features": on["p99_ms"], "probe_p99_ms_bare": off["p99_ms"],
         "probe_p50_ms_features": on["p50_ms"], "probe_p50_ms_bare": off["p50_ms"],
         "turns_per_s": on["turns_per_s"],
-        # Records of the whole phase (warm-up included) over the turns of the measured window's rate.
+        # The trace holds the records of the whole phase, warm-up included: divided by warm-up + duration.
         "usage_recorded_per_s": on["usage_recorded"] / on["wall"],
         "pings_per_s": on["pings_per_s"],
         "pings_per_s_bare": off["pings_per_s"],
