@@ -2,7 +2,6 @@
 
 import os
 import random
-import struct
 import subprocess
 import sys
 
@@ -10,6 +9,8 @@ import pytest
 
 from wsrelay import frames, sniff, usage, walk
 from wsrelay.walk import CONTROL, ERROR, NEED_MORE, TEXT, PyWalker
+
+from tests.test_frames import header_bytes
 
 try:
     from wsrelay._speedups import Walker as CWalker
@@ -23,20 +24,8 @@ MASK = b"\x11\x22\x33\x44"
 
 def frame(opcode, payload=b"", fin=True, mask=None, rsv=0, length=None):
     """A frame with full control over its header (``length`` may lie about the payload)."""
-    n = len(payload) if length is None else length
-    head = bytearray([(0x80 if fin else 0) | rsv | opcode])
-    bit = 0x80 if mask is not None else 0
-    if n < 126:
-        head.append(bit | n)
-    elif n < 65536:
-        head.append(bit | 126)
-        head += struct.pack("!H", n)
-    else:
-        head.append(bit | 127)
-        head += struct.pack("!Q", n)
-    if mask is not None:
-        return bytes(head) + mask + frames.unmask(payload, mask)
-    return bytes(head) + payload
+    head = header_bytes(opcode, len(payload) if length is None else length, fin=fin, rsv=rsv, mask_key=mask)
+    return head + (frames.unmask(payload, mask) if mask is not None else payload)
 
 
 def up(walker_class):

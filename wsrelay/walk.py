@@ -28,9 +28,8 @@ this module's pure-Python one is used where the extension was not built, or when
 
 import os
 import re
-import struct
 
-from .frames import unmask
+from .frames import _U16, _U64, unmask
 from .sniff import SNIFF_CLIENT_BYTES, SNIFF_UPSTREAM_BYTES
 
 NEED_MORE = 0
@@ -38,8 +37,6 @@ CONTROL = 1
 TEXT = 2
 ERROR = 3
 
-_U16 = struct.Struct("!H")
-_U64 = struct.Struct("!Q")
 # The first key of an upstream event, when it is "type" with a plain string value.
 _FIRST_TYPE = re.compile(rb'[ \t\r\n]*\{[ \t\r\n]*"type"[ \t\r\n]*:[ \t\r\n]*"([^"\\]*)"')
 _CREATE = b'"response.create"'
