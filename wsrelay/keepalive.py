@@ -29,6 +29,13 @@ class PingUnsupported(Exception):
     """The downstream transport cannot carry a Ping frame."""
 
 
+def cancel_timer(timer):
+    """Stop and release a hub timer (or nothing, for None); returns None, for the attribute that held it."""
+    if timer is not None:
+        timer.stop()
+        timer.close()
+
+
 def ping_due_in(now, last_write, interval):
     """Seconds until a Ping is due, given the time of the last downstream write; <= 0 means now."""
     return last_write + interval - now
@@ -82,10 +89,7 @@ class Keepalive:
         self._timer.start(self._due)
 
     def _disarm(self):
-        if self._timer is not None:
-            self._timer.stop()
-            self._timer.close()
-            self._timer = None
+        self._timer = cancel_timer(self._timer)
 
     def _due(self):
         # In the hub: a write since the timer was set moves the Ping back; otherwise the round starts here, or in
@@ -121,10 +125,7 @@ class Keepalive:
 
     def _end_pong_wait(self):
         self.session.pong_event.unlink(self._pong_seen)
-        if self._pong_timer is not None:
-            self._pong_timer.stop()
-            self._pong_timer.close()
-            self._pong_timer = None
+        self._pong_timer = cancel_timer(self._pong_timer)
 
     def _pong_seen(self, _event):
         self._end_pong_wait()

@@ -15,7 +15,7 @@ import time
 import gevent
 
 from . import frames, usage
-from .keepalive import AppKeepalive, Keepalive
+from .keepalive import AppKeepalive, Keepalive, cancel_timer
 from .pumps import Pumps
 from .splice import CLIENT_TO_UPSTREAM, UPSTREAM_TO_CLIENT, Exit
 
@@ -109,10 +109,7 @@ class Session(Pumps):
             self._timer.start(self._timer_fired)
 
     def disarm_timers(self):
-        if self._timer is not None:
-            self._timer.stop()
-            self._timer.close()
-            self._timer = None
+        self._timer = cancel_timer(self._timer)
 
     def _timer_fired(self):
         # In the hub: nothing here may block (_report only sets flags and an Event).
