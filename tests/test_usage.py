@@ -4,7 +4,7 @@ import pytest
 
 from wsrelay import usage
 from wsrelay.usage import (RELAY_DRAIN_TIMEOUT, RELAY_SESSION_CLOSED, RELAY_UPSTREAM_LOST, TERMINAL_EVENTS,
-                           TurnLedger, UsageRecord, extract_usage, may_be_terminal, parse_event)
+                           TurnLedger, UsageRecord, extract_usage, may_be_ledger_event, parse_event)
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -39,26 +39,26 @@ def make_ledger(clock=None):
     return TurnLedger("sess-1", key_id="key-a", clock=clock or FakeClock())
 
 
-# --- may_be_terminal -------------------------------------------------------------------------------------------
+# --- may_be_ledger_event -------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("kind", sorted(TERMINAL_EVENTS))
-def test_may_be_terminal_accepts_every_terminal_type(kind):
+def test_may_be_ledger_event_accepts_every_terminal_type(kind):
     message = json.dumps({"type": kind, "response": {"id": "resp_1", "output": [{"type": "message"}]}})
-    assert may_be_terminal(message.encode()[:96])
+    assert may_be_ledger_event(message.encode()[:96])
 
 
 @pytest.mark.parametrize("prefix", [
     b'{"type":"response.output_text.delta","sequence_number":12,"item_id":"msg_1","output_index":0,"delta":"He',
     b'{"type":"response.output_text.done","item_id":"msg_1","output_index":0,"content_index":0,"text":"Hello"',
-    b'{"type":"response.created","response":{"id":"resp_1","object":"response","status":"in_progress"',
     b'{"type":"response.done_something","x":1}',
+    b'{"type":"response.create","model":"gpt-5"}',
     b'{"type":"response.in_progress"}',
     b'{"type": "response.reasoning_summary_text.delta", "delta": "thinking"}',
     b'{"type":null}',
 ])
-def test_may_be_terminal_rules_out_non_terminal_types(prefix):
-    assert not may_be_terminal(prefix)
+def test_may_be_ledger_event_rules_out_the_events_the_ledger_does_not_read(prefix):
+    assert not may_be_ledger_event(prefix)
 
 
 @pytest.mark.parametrize("prefix", [
@@ -67,30 +67,31 @@ def test_may_be_terminal_rules_out_non_terminal_types(prefix):
     b'{"type" :  "response.done"}',
     b'{"type":\n"response.failed","sequence_number":99}',
     b'  {"type":"response.incomplete","response":{}}',
+    b'{"type":"response.created","response":{"id":"resp_1","object":"response","status":"in_progress"',
 ])
-def test_may_be_terminal_detects_realistic_terminal_prefixes(prefix):
-    assert may_be_terminal(prefix)
+def test_may_be_ledger_event_detects_terminal_events_and_response_created(prefix):
+    assert may_be_ledger_event(prefix)
 
 
-def test_may_be_terminal_cannot_rule_out_a_message_whose_type_is_beyond_the_prefix():
+def test_may_be_ledger_event_cannot_rule_out_a_message_whose_type_is_beyond_the_prefix():
     prefix = (b'{"delta":"x' + b"y" * 200 + b'","type":"response.output_text.delta"}')[:96]
     assert b'"type"' not in prefix
-    assert may_be_terminal(prefix)
+    assert may_be_ledger_event(prefix)
 
 
-def test_may_be_terminal_keeps_a_terminal_type_cut_off_by_the_prefix():
-    assert may_be_terminal(b'{"sequence_number":1,"type":"response.compl')
-    assert not may_be_terminal(b'{"sequence_number":1,"type":"response.output_te')
+def test_may_be_ledger_event_keeps_a_terminal_type_cut_off_by_the_prefix():
+    assert may_be_ledger_event(b'{"sequence_number":1,"type":"response.compl')
+    assert not may_be_ledger_event(b'{"sequence_number":1,"type":"response.output_te')
 
 
-def test_may_be_terminal_skips_the_word_type_used_as_a_string_value():
-    assert may_be_terminal(b'{"kind":"type","type":"response.completed"}')
-    assert not may_be_terminal(b'{"kind":"type","type":"response.output_item.added"}')
+def test_may_be_ledger_event_skips_the_word_type_used_as_a_string_value():
+    assert may_be_ledger_event(b'{"kind":"type","type":"response.completed"}')
+    assert not may_be_ledger_event(b'{"kind":"type","type":"response.output_item.added"}')
 
 
-def test_may_be_terminal_does_not_trust_a_type_key_of_a_nested_object():
+def test_may_be_ledger_event_does_not_trust_a_type_key_of_a_nested_object():
     prefix = b'{"response":{"output":[{"type":"message","id":"msg_1"}]},"type":"response.completed"}'
-    assert may_be_terminal(prefix)
+    assert may_be_ledger_event(prefix)
 
 
 # --- parse_event / extract_usage -------------------------------------------------------------------------------
@@ -268,15 +269,80 @@ def test_multi_turn_session_produces_one_record_per_turn():
     assert len({r.record_id for r in records}) == 3
 
 
-def test_pipelined_create_keeps_the_turn_in_flight():
+def created(response_id):
+    return {"type": "response.created", "response": {"id": response_id, "status": "in_progress"}}
+
+
+def usage_of(input_tokens, output_tokens):
+    return {"input_tokens": input_tokens, "output_tokens": output_tokens,
+            "total_tokens": input_tokens + output_tokens}
+
+
+def test_pipelined_responses_are_each_billed_with_their_own_tokens_when_they_end_out_of_order():
     clock = FakeClock()
     ledger = make_ledger(clock)
-    ledger.start_turn()
-    clock.advance(3)
-    assert ledger.start_turn("late-hint") == []
-    [record] = ledger.on_event({"type": "response.completed", "response": {"id": "r"}})
-    assert record.started_at == 1000.0 and record.model == "late-hint"
-    assert ledger.on_event(terminal("response.completed"))[0].duration_ms == 0
+    ledger.start_turn("model-a")
+    clock.advance(1)
+    ledger.start_turn("model-b")
+    assert ledger.open_responses == 2
+    assert ledger.on_event(created("resp_a")) == [] and ledger.on_event(created("resp_b")) == []
+    clock.advance(2)
+    [second] = ledger.on_event({"type": "response.completed", "response": {"id": "resp_b",
+                                                                           "usage": usage_of(7, 3)}})
+    assert ledger.in_flight and ledger.open_responses == 1
+    clock.advance(1)
+    [first] = ledger.on_event({"type": "response.completed", "response": {"id": "resp_a",
+                                                                          "usage": usage_of(50, 20)}})
+    assert not ledger.in_flight
+    assert (first.response_id, first.model, first.input_tokens, first.output_tokens) == ("resp_a", "model-a", 50, 20)
+    assert (first.started_at, first.duration_ms) == (1000.0, 4000)
+    assert (second.response_id, second.model, second.input_tokens, second.output_tokens) == \
+        ("resp_b", "model-b", 7, 3)
+    assert (second.started_at, second.duration_ms) == (1001.0, 2000)
+    assert ledger.close() == []
+
+
+def test_terminal_events_without_response_created_settle_requests_in_order():
+    ledger = make_ledger()
+    ledger.start_turn("first")
+    ledger.start_turn("second")
+    [a] = ledger.on_event(terminal("response.completed", response_id="resp_x"))
+    [b] = ledger.on_event(terminal("response.completed", response_id="resp_y"))
+    assert (a.model, b.model) == ("gpt-test", "gpt-test") and not ledger.in_flight
+    assert [r.started_at for r in (a, b)] == [1000.0, 1000.0]
+
+
+def test_a_terminal_event_for_an_unknown_id_never_settles_a_bound_request():
+    ledger = make_ledger()
+    ledger.start_turn("bound")
+    ledger.on_event(created("resp_a"))
+    [stray] = ledger.on_event({"type": "response.completed", "response": {"id": "resp_other"}})
+    assert stray.model is None and ledger.in_flight
+    [record] = ledger.on_event({"type": "response.completed", "response": {"id": "resp_a"}})
+    assert record.model == "bound" and not ledger.in_flight
+
+
+def test_abandon_settles_every_pipelined_response_in_flight_with_its_id():
+    ledger = make_ledger()
+    ledger.start_turn("a")
+    ledger.start_turn("b")
+    ledger.on_event(created("resp_a"))
+    records = ledger.abandon(RELAY_DRAIN_TIMEOUT, client_disconnected=True)
+    assert [(r.response_id, r.model, r.terminal_event) for r in records] == \
+        [("resp_a", "a", RELAY_DRAIN_TIMEOUT), (None, "b", RELAY_DRAIN_TIMEOUT)]
+    assert not ledger.in_flight
+
+
+def test_bare_error_then_failed_of_another_pipelined_response_bills_each_once():
+    ledger = make_ledger()
+    ledger.start_turn("a")
+    ledger.on_event(created("resp_a"))
+    ledger.start_turn("b")  # rejected before it is created
+    assert ledger.on_event(bare_error()) == []
+    [error, failed] = ledger.on_event(terminal("response.failed", response_id="resp_a"))
+    assert (error.terminal_event, error.model, error.response_id) == ("error", "b", None)
+    assert (failed.terminal_event, failed.model, failed.response_id) == ("response.failed", "gpt-test", "resp_a")
+    assert not ledger.in_flight and ledger.close() == []
 
 
 def test_unprompted_terminal_event_is_still_recorded():

@@ -17,7 +17,7 @@ try:
 except ImportError:  # reported by test_c_walker_is_built; the other tests still check the pure-Python one
     CWalker = None
 
-TERMINAL = tuple(t.encode() for t in usage.TERMINAL_EVENTS)
+TERMINAL = tuple(t.encode() for t in usage.LEDGER_EVENTS)
 IMPLEMENTATIONS = [PyWalker] + ([CWalker] if CWalker else [])
 MASK = b"\x11\x22\x33\x44"
 
@@ -243,7 +243,7 @@ def test_a_skipped_upstream_message_is_never_a_possible_terminal_event(impl):
         pos, event = up(impl).walk(buf, 0, len(buf))
         if event == NEED_MORE:
             skipped += 1
-            assert not usage.may_be_terminal(payload[:sniff.SNIFF_UPSTREAM_BYTES]), payload
+            assert not usage.may_be_ledger_event(payload[:sniff.SNIFF_UPSTREAM_BYTES]), payload
     assert skipped > 500  # the rule does skip the common case
 
 

@@ -112,7 +112,7 @@ class Pumps(Splice):
                         if fin and start + length <= end:
                             # The whole message is here (the usual case): look at its first bytes in place
                             # and copy it only if it may be a terminal event.
-                            if usage.may_be_terminal(bytes(view[start:start + SNIFF_UPSTREAM_BYTES])):
+                            if usage.may_be_ledger_event(bytes(view[start:start + SNIFF_UPSTREAM_BYTES])):
                                 finished.append(bytes(view[start:start + length]))
                         else:
                             message = UpstreamMessage(self.max_event_bytes)

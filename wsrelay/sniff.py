@@ -1,8 +1,8 @@
 """What the relay reads of the messages it forwards: just enough to see a turn start and a turn end.
 
 A client text message's first bytes tell whether it is a ``response.create`` (a turn starts); an upstream text
-message's first bytes tell whether it may be a terminal event, and only those are copied whole for the usage
-parser.  Everything else passes through unread.
+message's first bytes tell whether it may be an event the usage ledger reads (a terminal event, or
+``response.created`` with the response's id), and only those are copied whole for the usage parser.  Everything else passes through unread.
 """
 
 import re
@@ -14,7 +14,7 @@ SNIFF_UPSTREAM_BYTES = 96
 
 
 class UpstreamMessage:
-    """Collects an upstream text message just far enough to know whether it may be a terminal event."""
+    """Collects an upstream text message just far enough to know whether the usage ledger may need it."""
 
     __slots__ = ("data", "copying", "limit")
 
@@ -27,13 +27,13 @@ class UpstreamMessage:
         """Returns False once the message is known to be uninteresting (the caller drops it)."""
         self.data += chunk
         if not self.copying and len(self.data) >= SNIFF_UPSTREAM_BYTES:
-            if not usage.may_be_terminal(bytes(self.data[:SNIFF_UPSTREAM_BYTES])):
+            if not usage.may_be_ledger_event(bytes(self.data[:SNIFF_UPSTREAM_BYTES])):
                 return False
             self.copying = True
         return len(self.data) <= self.limit
 
     def finish(self):
-        if self.copying or usage.may_be_terminal(bytes(self.data)):
+        if self.copying or usage.may_be_ledger_event(bytes(self.data)):
             return bytes(self.data)
         return None
 

@@ -83,7 +83,7 @@ class Splice:
         self.ledger = usage.TurnLedger(self.id, key_id)
         # The frame walk of each direction; its state is the pump's fragmentation state.
         self.down_walker = Walker(True, self.read_limit)
-        self.up_walker = Walker(False, 0, _TERMINAL_TYPES)
+        self.up_walker = Walker(False, 0, _LEDGER_TYPES)
 
         self.downstream_open = True
         self.upstream_open = True
@@ -312,7 +312,7 @@ class Splice:
         return n
 
 
-_TERMINAL_TYPES = tuple(t.encode("ascii") for t in usage.TERMINAL_EVENTS)
+_LEDGER_TYPES = tuple(t.encode("ascii") for t in usage.LEDGER_EVENTS)
 
 
 def _describe(exc):

@@ -1,8 +1,8 @@
-"""Turn upstream Responses events into exactly one usage record per turn.
+"""Turn upstream Responses events into exactly one usage record per response.
 
 Pure bookkeeping: no sockets, no gevent.  The relay feeds it the client's ``response.create`` messages
-(:meth:`TurnLedger.start_turn`) and the upstream's terminal events (:meth:`TurnLedger.on_event`), and hands the
-returned :class:`UsageRecord` objects to the store.
+(:meth:`TurnLedger.start_turn`) and the upstream's ``response.created`` and terminal events
+(:meth:`TurnLedger.on_event`), and hands the returned :class:`UsageRecord` objects to the store.
 """
 
 import json
@@ -21,18 +21,23 @@ TERMINAL_EVENTS = frozenset({
     "error",
 })
 
+# The events the ledger reads: a terminal event settles a response, ``response.created`` tells its id (which is
+# how the terminal events of pipelined responses find their requests).
+LEDGER_EVENTS = TERMINAL_EVENTS | {"response.created"}
+
 RELAY_UPSTREAM_LOST = "wsrelay.upstream_lost"
 RELAY_DRAIN_TIMEOUT = "wsrelay.drain_timeout"
 RELAY_SESSION_CLOSED = "wsrelay.session_closed"
 RELAY_READ_TIMEOUT = "wsrelay.read_timeout"
 
 _TYPE_KEY = b'"type"'
-_TERMINAL_QUOTED = frozenset(b'"' + t.encode("ascii") + b'"' for t in TERMINAL_EVENTS)
+_LEDGER_QUOTED = frozenset(b'"' + t.encode("ascii") + b'"' for t in LEDGER_EVENTS)
 _JSON_WS = b" \t\r\n"
 
 
-def may_be_terminal(prefix):
-    """False only when ``prefix`` (the first bytes of a message) proves the message is not a terminal event.
+def may_be_ledger_event(prefix):
+    """False only when ``prefix`` (the first bytes of a message) proves the message is none of
+    :data:`LEDGER_EVENTS` (a terminal event or ``response.created``).
 
     Runs on every upstream message, so it sticks to a few ``bytes.find`` calls and short slices.
     """
@@ -57,8 +62,8 @@ def may_be_terminal(prefix):
         end = rest.find(b'"', 1)
         if end < 0:
             # The value is cut off by the prefix: it may still grow into a terminal type.
-            return any(t.startswith(rest) for t in _TERMINAL_QUOTED)
-        return rest[:end + 1] in _TERMINAL_QUOTED
+            return any(t.startswith(rest) for t in _LEDGER_QUOTED)
+        return rest[:end + 1] in _LEDGER_QUOTED
     return True
 
 
@@ -193,11 +198,14 @@ class UsageRecord:
 
 
 class _Turn:
-    __slots__ = ("started_at", "model_hint")
+    """One request in flight: when it reached the upstream, its model hint, and its response id once known."""
+
+    __slots__ = ("started_at", "model_hint", "response_id")
 
     def __init__(self, started_at, model_hint):
         self.started_at = started_at
         self.model_hint = model_hint
+        self.response_id = None
 
 
 def _response_field(event, name):
@@ -206,74 +214,127 @@ def _response_field(event, name):
 
 
 class TurnLedger:
-    """Per-session turn accounting."""
+    """Per-session accounting of the responses in flight, one usage record each.
+
+    A client may send the next ``response.create`` before the previous response's terminal event (pipelining),
+    so several responses can be in flight at once.  Requests are kept in the order they reached the upstream;
+    ``response.created`` binds the oldest request without an id to that response id, and a terminal event
+    settles the request bound to its id — or, for an id not seen before (or none), the oldest request without
+    one.  A bare ``error`` is held until the next event: a ``response.failed`` for the same response merges
+    into it, so the response is billed once.
+    """
 
     def __init__(self, session_id, key_id=None, clock=time.time):
         self.session_id = session_id
         self.key_id = key_id
         self._clock = clock
-        self._turn = None
+        self._open = []  # _Turn, in request order
         self._pending_error = None
 
     @property
     def in_flight(self):
-        return self._turn is not None
+        """A response is in flight (requested, no terminal event yet)."""
+        return bool(self._open)
+
+    @property
+    def open_responses(self):
+        return len(self._open)
 
     def start_turn(self, model_hint=None):
+        """A ``response.create`` reached the upstream; returns records settled meanwhile (a held error)."""
         out = self._flush_pending()
-        if self._turn is None:
-            self._turn = _Turn(self._clock(), model_hint)
-        elif self._turn.model_hint is None:
-            # A pipelined create joins the turn in flight; it can still tell us the model.
-            self._turn.model_hint = model_hint
+        self._open.append(_Turn(self._clock(), model_hint))
         return out
 
     def on_event(self, event, client_disconnected=False):
+        """Take one upstream event; returns the records it settles (none for most events)."""
         if not isinstance(event, dict):
             return []
         kind = event.get("type")
-        if not isinstance(kind, str) or kind not in TERMINAL_EVENTS:
+        if not isinstance(kind, str):
+            return []
+        response_id = _response_field(event, "id")
+        if kind == "response.created":
+            if response_id is not None and self._bound(response_id) is None:
+                turn = self._oldest_unbound()
+                if turn is not None:
+                    turn.response_id = response_id
+            return []
+        if kind not in TERMINAL_EVENTS:
             return []
         now = self._clock()
-        if kind == "response.failed" and self._pending_error is not None:
+        if kind == "response.failed" and self._continues_pending_error(response_id):
             return [self._merge_failed(event, client_disconnected, now)]
         out = self._flush_pending()
-        record = self._settle(event, kind, client_disconnected, now)
+        record = self._settle(self._take(response_id), event, kind, client_disconnected, now)
         if kind == "error":
-            # The upstream may follow with response.failed for the same turn; hold the record so the turn is
-            # billed once.
+            # The upstream may follow with response.failed for the same response; hold the record so the
+            # response is billed once.
             self._pending_error = record
         else:
             out.append(record)
         return out
 
     def abandon(self, terminal_event, client_disconnected):
+        """Settle every response still in flight without its terminal event (zero tokens, ``terminal_event``
+        says why), and any held error."""
         out = self._flush_pending()
-        turn, self._turn = self._turn, None
-        if turn is not None:
-            now = self._clock()
+        turns, self._open = self._open, []
+        now = self._clock()
+        for turn in turns:
             out.append(UsageRecord(
-                session_id=self.session_id, response_id=None, model=turn.model_hint, key_id=self.key_id,
-                terminal_event=terminal_event, client_disconnected=bool(client_disconnected),
+                session_id=self.session_id, response_id=turn.response_id, model=turn.model_hint,
+                key_id=self.key_id, terminal_event=terminal_event, client_disconnected=bool(client_disconnected),
                 started_at=turn.started_at, duration_ms=_elapsed_ms(turn.started_at, now)))
         return out
 
     def close(self):
-        # A turn still in flight here would otherwise vanish from the books; the relay normally calls
+        # A response still in flight here would otherwise vanish from the books; the relay normally calls
         # abandon() first with a precise reason.
         return self.abandon(RELAY_SESSION_CLOSED, False)
+
+    def _bound(self, response_id):
+        for turn in self._open:
+            if turn.response_id == response_id:
+                return turn
+        return None
+
+    def _oldest_unbound(self):
+        for turn in self._open:
+            if turn.response_id is None:
+                return turn
+        return None
+
+    def _take(self, response_id):
+        """Remove and return the request a terminal event for ``response_id`` settles (None: an unprompted one)."""
+        turn = self._bound(response_id) if response_id is not None else None
+        if turn is None:
+            turn = self._oldest_unbound()
+        if turn is None and response_id is None and self._open:
+            turn = self._open[0]  # no id to go by: the oldest response is the one that ends
+        if turn is not None:
+            self._open.remove(turn)
+        return turn
+
+    def _continues_pending_error(self, response_id):
+        pending = self._pending_error
+        if pending is None:
+            return False
+        if response_id is None or pending.response_id == response_id:
+            return True
+        # A failed response the held error was not bound to: the same one unless another request owns its id.
+        return pending.response_id is None and self._bound(response_id) is None
 
     def _flush_pending(self):
         record, self._pending_error = self._pending_error, None
         return [record] if record is not None else []
 
-    def _settle(self, event, kind, client_disconnected, now):
-        turn, self._turn = self._turn, None
+    def _settle(self, turn, event, kind, client_disconnected, now):
         started = turn.started_at if turn is not None else now
         hint = turn.model_hint if turn is not None else None
         return UsageRecord(
             session_id=self.session_id,
-            response_id=_response_field(event, "id"),
+            response_id=_response_field(event, "id") or (turn.response_id if turn is not None else None),
             model=_response_field(event, "model") or hint,
             key_id=self.key_id,
             terminal_event=kind,

@@ -9,8 +9,8 @@ at, leaving that frame's header unconsumed:
 ``TEXT``
     a text message that may matter: on the client side a possible ``response.create`` (its first bytes, unmasked,
     show the request, or have no ``"type"`` yet the message goes on) or one whose first bytes are not all here
-    yet; on the upstream side a message that is fragmented, not all here, or not plainly a non-terminal event
-    (``{"type":"<a type that does not end a turn>"`` in its first bytes);
+    yet; on the upstream side a message that is fragmented, not all here, or not plainly an event the usage
+    ledger ignores (``{"type":"<a type other than a terminal one or response.created>"`` in its first bytes);
 ``ERROR``
     a header RFC 6455 forbids, a fragment out of sequence, or (client side) a message over the read limit; the
     pump re-parses it to say exactly what is wrong;
@@ -46,7 +46,7 @@ _TYPE_KEY = b'"type"'
 class PyWalker:
     """One direction's frame walk (see the module docstring); ``client`` for frames from the client (masked,
     sniffed for requests, held to ``limit``), else for upstream frames (checked against ``terminal``, the
-    event types that end a turn, as bytes)."""
+    event types the usage ledger reads, as bytes)."""
 
     __slots__ = ("client", "limit", "terminal", "remaining", "frame_fin", "in_message", "message_size",
                  "frames", "data_frames")
