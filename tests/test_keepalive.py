@@ -146,3 +146,27 @@ def test_try_send_ping_leaves_tls_clients_to_the_greenlet_path():
     # A TLS write that would block must be retried with the same bytes: never attempted from the hub.
     assert splice.try_send_ping(b"p") is None
     assert not splice._down_lock.locked()
+
+
+@pytest.mark.parametrize("mode, interval, originator, user_agent, choice", [
+    ("auto", 30, "codex_exec", None, (True, "codex_originator")),
+    ("auto", 30, "codex_cli_rs", "codex_cli_rs/0.169.0 (Debian 12; x86_64) xterm", (True, "codex_originator")),
+    ("auto", 30, None, "codex_exec/0.169.0 (Debian 12; x86_64) unknown", (True, "codex_user_agent")),
+    ("auto", 30, " Codex_VSCode", None, (True, "codex_originator")),
+    ("auto", 30, None, "OpenAI/Python 2.9.0", (False, "not_codex")),
+    ("auto", 30, None, "my-codex-wrapper/1.0", (False, "not_codex")),
+    ("auto", 30, None, None, (False, "not_codex")),
+    ("always", 30, None, "OpenAI/Python 2.9.0", (True, "mode_always")),
+    ("never", 30, "codex_exec", "codex_exec/0.169.0", (False, "mode_never")),
+    ("always", 0, "codex_exec", None, (False, "interval_off")),
+])
+def test_app_keepalive_goes_to_the_clients_the_mode_selects(mode, interval, originator, user_agent, choice):
+    assert keepalive.app_keepalive_choice(mode, interval, originator, user_agent) == choice
+
+
+def test_by_default_codex_clients_get_the_app_keepalive_every_30_seconds():
+    cfg = config.load()
+    ws = "gateway.openai_ws.passthrough_downstream_app_keepalive_"
+    assert (cfg[ws + "mode"], cfg[ws + "interval_seconds"]) == ("auto", 30.0)
+    with pytest.raises(config.ConfigError, match="must be one of auto, always, never"):
+        config.load(None, {ws + "mode": "sometimes"})

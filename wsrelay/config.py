@@ -120,12 +120,16 @@ SETTINGS = (
     Setting(_WS + "passthrough_downstream_ping_timeout_seconds", float, 5.0,
             "How long to wait for the Pong; no Pong in time is a graceful client disconnect.",
             minimum=0, exclusive_minimum=True),
-    Setting(_WS + "passthrough_downstream_app_keepalive_interval_seconds", float, 0.0,
-            "During a turn, once a business frame was written, send the client a text frame "
-            "{\"type\":\"keepalive\"} when no business frame went down for this long. Codex ignores unknown "
-            "event types but its own idle watchdog (stream_idle_timeout_ms, 300 s) is reset only by text frames, "
-            "never by Pings. Risk: a client that rejects unknown events fails. 0 (the default) disables.",
-            minimum=0),
+    Setting(_WS + "passthrough_downstream_app_keepalive_mode", str, "auto",
+            "Which clients get the app keepalive (a {\"type\":\"keepalive\"} text frame during silent turns): "
+            "auto = clients that identify as Codex (an originator header or a User-Agent starting with 'codex'), "
+            "whose idle watchdog (stream_idle_timeout_ms, 300 s) is reset only by text frames, never by Pings; "
+            "always = every client (one that rejects unknown event types would fail); never = none.",
+            choices=("auto", "always", "never")),
+    Setting(_WS + "passthrough_downstream_app_keepalive_interval_seconds", float, 30.0,
+            "During a turn, once a business frame was written, send the app keepalive when no business frame "
+            "went down for this long (to the clients passthrough_downstream_app_keepalive_mode selects). Keep it "
+            "below the clients' idle watchdog. 0 disables.", minimum=0),
     Setting(_WS + "upstream_drain_timeout_seconds", float, 60.0,
             "After the client leaves mid-turn, keep reading the upstream this long for the terminal event "
             "so the turn's usage is recorded.", minimum=0),

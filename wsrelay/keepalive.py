@@ -170,6 +170,26 @@ APP_KEEPALIVE_FRAME = b"\x81\x14" + b'{"type":"keepalive"}'
 STAGE_APP = "downstream_app_keepalive"
 
 
+def app_keepalive_choice(mode, interval, originator=None, user_agent=None):
+    """Whether a session gets the app keepalive: ``(on, why)``, ``why`` being what its trace line reports.
+
+    ``auto`` selects clients that identify as Codex (its ``originator`` header, ``codex_exec``,
+    ``codex_cli_rs``, ..., or a ``User-Agent`` that starts with the same word): their idle watchdog is reset only
+    by text frames.  Other clients (the openai SDK) are kept alive by Pings alone and get no unknown event.
+    """
+    if interval <= 0:
+        return False, "interval_off"
+    if mode == "never":
+        return False, "mode_never"
+    if mode == "always":
+        return True, "mode_always"
+    if (originator or "").strip().lower().startswith("codex"):
+        return True, "codex_originator"
+    if (user_agent or "").strip().lower().startswith("codex"):
+        return True, "codex_user_agent"
+    return False, "not_codex"
+
+
 class AppKeepalive:
     """Text-frame keepalive for clients whose own idle watchdog ignores Pings (Codex's does).
 

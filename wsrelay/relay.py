@@ -40,7 +40,8 @@ class Session(Pumps):
     """One client connection and its upstream.  ``run()`` blocks (in the connection's greenlet) until both end."""
 
     def run(self):
-        self.trace("relay_start", key_id=self.key_id, ping_interval=self.ping_interval)
+        self.trace("relay_start", key_id=self.key_id, ping_interval=self.ping_interval,
+                   app_keepalive=self.app_keepalive, app_keepalive_why=self.app_keepalive_why)
         up = gevent.spawn(self._pump_upstream)
         down = gevent.spawn(self._pump_downstream)
         helpers = []
@@ -49,7 +50,7 @@ class Session(Pumps):
         if self.ping_interval > 0:
             keepalive = Keepalive(self, self.ping_interval, self.ping_timeout)
             keepalive.start()
-        if self.app_keepalive_interval > 0:
+        if self.app_keepalive:
             helpers.append(gevent.spawn(AppKeepalive(self, self.app_keepalive_interval).run))
         first = None
         try:

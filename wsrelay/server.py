@@ -12,6 +12,7 @@ from gevent.pywsgi import WSGIServer
 
 from . import auth, upstream
 from .config import ConfigError
+from .keepalive import app_keepalive_choice
 from .metrics import Metrics
 from .systemd import Notifier
 from .relay import Session
@@ -135,9 +136,13 @@ class RelayApp:
         if not switched:
             up.sock.close()
             return
+        ws = "gateway.openai_ws."
+        app_keepalive = app_keepalive_choice(self.config[ws + "passthrough_downstream_app_keepalive_mode"],
+                                             self.config[ws + "passthrough_downstream_app_keepalive_interval_seconds"],
+                                             environ.get("HTTP_ORIGINATOR"), environ.get("HTTP_USER_AGENT"))
         sock, initial = handler.take_over()
         session = Session(sock, up.sock, self.config, self.tracer, self.store, key_id=key_id, initial=initial,
-                          up_initial=up.initial)
+                          up_initial=up.initial, app_keepalive=app_keepalive)
         self.sessions.add(session)
         if not self.accepting:
             session.shutdown()

@@ -2,7 +2,8 @@
 
 A client text message's first bytes tell whether it is a ``response.create`` (a turn starts); an upstream text
 message's first bytes tell whether it may be an event the usage ledger reads (a terminal event, or
-``response.created`` with the response's id), and only those are copied whole for the usage parser.  Everything else passes through unread.
+``response.created`` with the response's id), and only those are copied whole for the usage parser.  Everything
+else passes through unread.
 """
 
 import re

@@ -51,7 +51,7 @@ class Splice:
     """Per-connection state shared by the pumps, the keepalive and the session life cycle."""
 
     def __init__(self, down_sock, up_sock, config, tracer, store=None, key_id=None, initial=b"",
-                 session_id=None, ping_supported=True, up_initial=b""):
+                 session_id=None, ping_supported=True, up_initial=b"", app_keepalive=(False, "not_codex")):
         self.id = session_id or uuid.uuid4().hex[:12]
         self.down_sock = down_sock
         self.up_sock = up_sock
@@ -69,6 +69,8 @@ class Splice:
         self.ping_timeout = config[ws + "passthrough_downstream_ping_timeout_seconds"]
         self.drain_timeout = config[ws + "upstream_drain_timeout_seconds"]
         self.read_limit = config[ws + "client_read_limit_bytes"]
+        # (on, why): whether this client gets the app keepalive (see keepalive.app_keepalive_choice).
+        self.app_keepalive, self.app_keepalive_why = app_keepalive
         self.app_keepalive_interval = config[ws + "passthrough_downstream_app_keepalive_interval_seconds"]
         self.first_message_timeout = config[ws + "client_first_message_timeout_seconds"]
         self.idle_timeout = config[ws + "ingress_inter_turn_idle_timeout_seconds"]

@@ -1,4 +1,5 @@
-"""The opt-in text-frame keepalive, against a client whose idle watchdog ignores Pings (as Codex's does)."""
+"""The app keepalive (a text frame), against a client whose idle watchdog ignores Pings (as Codex's does); by
+default only clients that identify as Codex get it."""
 
 import json
 import time
@@ -7,13 +8,18 @@ import gevent
 import pytest
 
 from tests.conftest import connect
-from tests.peers import APP_KEEPALIVE_INTERVAL, CREATE, INTERVAL, PING_TIMEOUT
+from tests.peers import APP_KEEPALIVE_INTERVAL, APP_KEEPALIVE_MODE, CREATE, INTERVAL, PING_TIMEOUT
 from wsrelay.frames import OP_PING, OP_PONG, OP_TEXT
 
 pytestmark = pytest.mark.timeout(30)
 
 WATCHDOG = 1.0   # the client gives up after this long without a text frame
 SILENCE = 3.0    # the turn's silence before its terminal event: three watchdog periods
+# The handshake headers Codex 0.169.0 identifies itself with, and the openai Python SDK's.
+CODEX_EXEC = [("originator", "codex_exec"), ("User-Agent", "codex_exec/0.169.0 (Debian 12; x86_64) unknown")]
+CODEX_TUI = [("User-Agent", "codex_cli_rs/0.169.0 (Mac OS 15.5.0; arm64) iTerm.app/3.5.14")]
+OPENAI_SDK = [("User-Agent", "OpenAI/Python 2.9.0")]
+FAST_KEEPALIVE = {APP_KEEPALIVE_INTERVAL: 0.4, INTERVAL: 0.3, PING_TIMEOUT: 0.2}
 
 
 def codex_like_turn(client):
@@ -45,27 +51,44 @@ def codex_like_turn(client):
             return "completed", keepalives
 
 
-def test_text_keepalive_carries_a_ping_ignoring_client_through_a_long_silent_turn(fake, relay, tracer, store):
+@pytest.mark.parametrize("headers, why", [(CODEX_EXEC, "codex_originator"), (CODEX_TUI, "codex_user_agent")])
+def test_by_default_a_codex_client_is_carried_through_a_long_silent_turn(fake, relay, tracer, store, headers, why):
     _, url = fake(silence=SILENCE)
-    client = connect(relay(url, **{APP_KEEPALIVE_INTERVAL: 0.4, INTERVAL: 0.3, PING_TIMEOUT: 0.2}))
+    client = connect(relay(url, **FAST_KEEPALIVE), headers=headers)
     outcome, keepalives = codex_like_turn(client)
     assert outcome == "completed"
     assert keepalives >= SILENCE / 0.4 - 2
     assert len(tracer.find("downstream_app_keepalive")) == keepalives
     assert store.wait(1)[0]["terminal_event"] == "response.completed"
+    [start] = tracer.find("relay_start")  # the choice, traced once per session
+    assert (start["app_keepalive"], start["app_keepalive_why"]) == (True, why)
 
 
-def test_without_text_keepalive_the_same_client_gives_up_despite_pings(fake, relay, tracer):
+def test_by_default_a_client_that_is_not_codex_gets_no_unknown_event(fake, relay, tracer):
     _, url = fake(silence=SILENCE)
-    client = connect(relay(url, **{INTERVAL: 0.3, PING_TIMEOUT: 0.2}))
+    client = connect(relay(url, **FAST_KEEPALIVE), headers=OPENAI_SDK)
     outcome, keepalives = codex_like_turn(client)
     assert (outcome, keepalives) == ("watchdog", 0)
-    assert tracer.find("downstream_ping_ok"), "Pings went out, and did not help"
+    assert tracer.find("downstream_ping_ok"), "Pings went out, and did not help a text-only watchdog"
+    assert tracer.find("downstream_app_keepalive") == []
+    [start] = tracer.find("relay_start")
+    assert (start["app_keepalive"], start["app_keepalive_why"]) == (False, "not_codex")
+
+
+def test_mode_always_keeps_any_client_alive_and_mode_never_not_even_codex(fake, relay, tracer):
+    _, url = fake(silence=SILENCE)
+    client = connect(relay(url, **dict(FAST_KEEPALIVE, **{APP_KEEPALIVE_MODE: "always"})), headers=OPENAI_SDK)
+    assert codex_like_turn(client)[0] == "completed"
+    _, url = fake(silence=SILENCE)
+    client = connect(relay(url, **dict(FAST_KEEPALIVE, **{APP_KEEPALIVE_MODE: "never"})), headers=CODEX_EXEC)
+    assert codex_like_turn(client) == ("watchdog", 0)
+    assert [(s["app_keepalive"], s["app_keepalive_why"]) for s in tracer.find("relay_start")] == \
+        [(True, "mode_always"), (False, "mode_never")]
 
 
 def test_text_keepalive_is_never_sent_outside_a_turn_or_before_the_first_write(scripted, relay, tracer):
     upstream, url = scripted()
-    client = connect(relay(url, **{APP_KEEPALIVE_INTERVAL: 0.1}))
+    client = connect(relay(url, **{APP_KEEPALIVE_INTERVAL: 0.1}), headers=CODEX_EXEC)
     up = upstream.next()
     client.send(OP_TEXT, CREATE)
     up.read_message()
@@ -85,7 +108,7 @@ def test_text_keepalive_is_never_sent_outside_a_turn_or_before_the_first_write(s
 
 def test_text_keepalive_waits_for_the_end_of_a_fragmented_message(scripted, relay, tracer):
     upstream, url = scripted()
-    client = connect(relay(url, **{APP_KEEPALIVE_INTERVAL: 0.1}))
+    client = connect(relay(url, **{APP_KEEPALIVE_INTERVAL: 0.1}), headers=CODEX_EXEC)
     up = upstream.next()
     client.send(OP_TEXT, CREATE)
     up.read_message()
