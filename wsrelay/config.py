@@ -153,6 +153,15 @@ SETTINGS = (
     Setting(_WS + "close_timeout_seconds", float, 5.0,
             "How long to wait for the peer's reply to a close frame before dropping the connection.",
             minimum=0, exclusive_minimum=True),
+    Setting(_WS + "lingering_close_timeout_seconds", float, 30.0,
+            "After the relay closes a connection itself (1009, 1002, 1008, 1001, an idle timeout) it shuts down its "
+            "write side and keeps reading, discarding, until the peer's close frame or end of stream, so a peer "
+            "still sending reads the close code instead of failing its write with a reset. This bounds that "
+            "reading in time; each read also waits at most close_timeout_seconds.", minimum=0,
+            exclusive_minimum=True),
+    Setting(_WS + "lingering_close_max_bytes", int, 128 * MiB,
+            "The most a lingering close reads and discards (the default is twice the default read limit, enough "
+            "for a client finishing a message a few MiB over the limit).", minimum=0),
     Setting("usage.sqlite_path", str, "./wsrelay-usage.db", "SQLite database the usage records go to."),
     Setting("usage.fallback_path", str, None, "Append-only file that holds usage records while the database "
             "cannot be written; re-imported on recovery and at start. Default: <sqlite_path>.pending.jsonl.",

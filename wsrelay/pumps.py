@@ -84,6 +84,7 @@ class Pumps(Splice):
                     walker.in_message = _check_sequence(opcode, fin, walker.in_message)
                 except ProtocolError as exc:
                     self._send_down(view[flush_from:pos], False, walker.data_frames != data_frames)
+                    self.up_pending = bytes(view[pos:end])
                     return self._report(Exit("upstream_protocol_error", UPSTREAM_TO_CLIENT, "upstream", False,
                                              error=exc.reason, close_code=exc.code))
                 if opcode >= OP_CLOSE:
@@ -203,6 +204,7 @@ class Pumps(Splice):
                 except ProtocolError as exc:
                     if self._send_up(view[flush_from:pos]):
                         self._start_turns(turns)
+                    self.down_pending = bytes(view[pos:end])
                     stage = ("client_message_too_big" if exc.code == frames.CLOSE_MESSAGE_TOO_BIG
                              else "client_protocol_error")
                     return self._report(Exit(stage, CLIENT_TO_UPSTREAM, "client", False, error=exc.reason,
@@ -230,6 +232,7 @@ class Pumps(Splice):
                     except ProtocolError as exc:
                         if self._send_up(view[flush_from:pos]):
                             self._start_turns(turns)
+                        self.down_pending = bytes(view[pos:end])  # starts with the client's (bad) Close
                         return self._report(Exit("client_protocol_error", CLIENT_TO_UPSTREAM, "client", False,
                                                  error=exc.reason, close_code=exc.code, close_reason=exc.reason))
                     if self._send_up(view[flush_from:pos]):

@@ -7,6 +7,8 @@
 * The upstream ends — a close frame is forwarded as it is (its code and reason reach the client); an abrupt end
   becomes close 1011 for the client, a read timeout 1001.  A turn left without a terminal event is recorded
   as failed.
+* Whenever the relay closes a side itself (not in reply to that side's Close), it lingers on it: reads and
+  discards what that peer still sends until its Close or end of stream, within bounds (:mod:`wsrelay.linger`).
 """
 
 import socket
@@ -16,6 +18,7 @@ import gevent
 
 from . import frames, usage
 from .keepalive import AppKeepalive, Keepalive, cancel_timer
+from .linger import CloseWatch, linger
 from .pumps import Pumps
 from .splice import CLIENT_TO_UPSTREAM, UPSTREAM_TO_CLIENT, Exit
 
@@ -70,7 +73,7 @@ class Session(Pumps):
             self.disarm_timers()
             if keepalive is not None:
                 keepalive.stop()
-            gevent.killall([up, down] + helpers)
+            gevent.killall([up, down] + helpers + self._lingering)
             for sock in (self.down_sock, self.up_sock):
                 _close(sock)
             if self.ledger.in_flight:
@@ -130,6 +133,10 @@ class Session(Pumps):
             self._send_down_control(frames.build_close(first.close_code, first.close_reason))
         # The client is done with: end its TCP connection now (FIN after the close frame), not after the drain.
         _shutdown_write(self.down_sock)
+        if first.stage != "client_close" and first.close_code is not None:
+            # The relay's own close: the client may still be sending (see wsrelay.linger).
+            self._lingering.append(gevent.spawn(self._linger, "client", self.down_sock,
+                                                CloseWatch(self.down_pending, self.down_walker.remaining)))
         if self.ledger.in_flight and self.upstream_open and not up.dead:
             self._drain(up)
         if self.upstream_open and not up.dead:
@@ -140,6 +147,12 @@ class Session(Pumps):
                     code, reason = _UPSTREAM_CLOSE.get(first.stage, _CLIENT_GONE)
                 self._send_up(frames.build_close(code, reason, mask=True))
             up.join(self.close_timeout)  # the upstream's close in reply ends the pump
+        gevent.joinall(self._lingering)
+
+    def _linger(self, side, sock, watch):
+        lingered = linger(sock, watch, self.linger_timeout, self.close_timeout, self.linger_max_bytes)
+        self.trace("lingering_close", side=side, outcome=lingered.outcome, discarded_bytes=lingered.discarded_bytes,
+                   waited_ms=lingered.waited_ms)
 
     def _drain(self, up):
         self.draining = True
@@ -170,12 +183,18 @@ class Session(Pumps):
             self.upstream_open = True  # still sound: tell it why the relay leaves
             self._send_up(frames.build_close(*_UPSTREAM_CLOSE[first.stage], mask=True))
             self.upstream_open = False
+            if not up.dead and gevent.getcurrent() is not up:
+                up.kill()  # nothing more of the upstream's goes to the client
+            _shutdown_write(self.up_sock)
+            self._lingering.append(gevent.spawn(self._linger, "upstream", self.up_sock,
+                                                CloseWatch(self.up_pending, self.up_walker.remaining)))
         if self.downstream_open:
             if first.stage != "upstream_close":
                 self._send_down_control(frames.build_close(*_CLIENT_CLOSE.get(first.stage, _UPSTREAM_LOST)))
             elif not first.close_forwarded:
                 self._send_down_control(frames.build_close(first.close_code, first.close_reason))
             down.join(self.close_timeout)  # the client's close in reply ends the pump (and goes upstream)
+        gevent.joinall(self._lingering)
 
 
 def _shutdown_write(sock):

@@ -60,6 +60,10 @@ class Splice:
         self.key_id = key_id
         self.initial = initial        # client bytes read along with its handshake
         self.up_initial = up_initial  # upstream bytes read along with its 101
+        # Bytes a pump had read but not walked when it ended on a bad frame (from that frame's header on): where a
+        # lingering close starts walking.
+        self.down_pending = b""
+        self.up_pending = b""
         self.ping_supported = ping_supported
         # A TLS write that would block must be retried with the same bytes, so only a plain TCP client gets
         # Pings written straight from the hub (try_send_ping); a TLS one always gets them from a greenlet.
@@ -77,6 +81,8 @@ class Splice:
         self.read_timeout = config[ws + "read_timeout_seconds"]
         self.close_timeout = config[ws + "close_timeout_seconds"]
         self.write_timeout = config[ws + "write_timeout_seconds"]
+        self.linger_timeout = config[ws + "lingering_close_timeout_seconds"]
+        self.linger_max_bytes = config[ws + "lingering_close_max_bytes"]
         # Reads wait without a timer (a gevent socket with a timeout arms one per blocking read); writes are
         # bounded by write_timeout in _write.
         down_sock.settimeout(None)
@@ -107,6 +113,7 @@ class Splice:
         self._exit = None
         self._exit_event = Event()
         self._drain_done = Event()
+        self._lingering = []  # greenlets reading what a peer still sends after the relay's own close
         self.bytes_to_upstream = 0
         self.bytes_to_client = 0
 

@@ -150,4 +150,5 @@ def test_sighup_reloads_keys_and_a_live_turn_survives(tmp_path, fake, serve):
         while not any("stage=config_reload_failed" in line for line in served.lines):
             gevent.sleep(0.02)
     assert raw_request(url, [("Authorization", "Bearer key-two")])[1] == 101  # a bad file changes nothing
+    client.sock.close()  # (a client that stays would be given close_timeout_seconds to answer the relay's 1001)
     assert served.terminate() == 0
