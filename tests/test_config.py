@@ -37,6 +37,7 @@ def test_defaults():
     assert cfg["server.port"] == 8080
     assert cfg["server.backlog"] == 1024
     assert cfg["server.handshake_timeout_seconds"] == 10.0
+    assert cfg["server.max_pending_handshakes"] == 1024
     assert cfg["upstream.url"] == "wss://api.openai.com/v1/responses"
     assert cfg["upstream.api_key"] is None
     assert cfg["upstream.api_key_env"] == "OPENAI_API_KEY"
@@ -208,6 +209,8 @@ def test_config_error_message_joins_the_problems():
     ("server.backlog", 0, "at least 1"),
     ("server.handshake_timeout_seconds", 0, "greater than 0"),
     ("server.handshake_timeout_seconds", -1, "greater than 0"),
+    ("server.max_pending_handshakes", 0, "at least 1"),
+    ("server.max_pending_handshakes", 2.5, "integer"),
     ("server.host", 127, "string"),
     ("server.host", None, "empty"),
     ("upstream.url", "https://api.openai.com/v1/responses", "ws://"),

@@ -3,8 +3,9 @@
     gunicorn -k wsrelay.gunicorn.Worker -b 127.0.0.1:8080 --graceful-timeout 120 wsrelay.wsgi:application
 
 It is gunicorn's gevent pywsgi worker with wsrelay's handler (so upgrades are refused or accepted before any
-101 and the relay owns the frames; every request head has ``server.handshake_timeout_seconds``), wsrelay's
-listener (TLS negotiated under the deadline), the usage store started in the worker and flushed when it exits, and
+101 and the relay owns the frames; every request head has ``server.handshake_timeout_seconds``, and connections
+past ``server.max_pending_handshakes`` get 503), wsrelay's listener (TLS negotiated under the deadline), the usage
+store started in the worker and flushed when it exits, and
 SIGTERM ending sessions the wsrelay way: live turns run to their end for ``server.shutdown_grace_seconds``,
 then clients get 1001 and their turns are drained so they are billed.  ``--graceful-timeout`` must cover that
 grace plus ``upstream_drain_timeout_seconds``, or gunicorn kills the drains.  Do not use ``--preload``.

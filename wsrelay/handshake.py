@@ -1,4 +1,5 @@
-"""The client's part of the handshake, bounded: a deadline on each request head.
+"""The client's part of the handshake, bounded: a deadline on each request head, and a cap on the connections still
+waiting for theirs.
 
 A client that connects and sends half a request head (or nothing) would otherwise hold its socket for ever, and
 enough of them take every descriptor the process has.  The deadline itself runs in the handler
@@ -27,6 +28,18 @@ class HandshakeGuard:
     @property
     def timeout(self):
         return self.app.config["server.handshake_timeout_seconds"]
+
+    @property
+    def full(self):
+        return self.pending >= self.app.config["server.max_pending_handshakes"]
+
+    def refusal(self, client):
+        """Trace a connection refused at the cap; returns the 503 to send it (whole response, bytes)."""
+        limit = self.app.config["server.max_pending_handshakes"]
+        self.app.tracer.emit("handshake_refused", status=503, code="too_many_pending_handshakes", client=client,
+                             pending=self.pending)
+        return error_response(503, "too_many_pending_handshakes", "the relay holds %d connections that have "
+                              "not sent their request yet; retry shortly" % limit, [("Retry-After", "1")])[1]
 
     def timed_out(self, client, request_line, served):
         """Trace a head that missed the deadline; returns the 408 to send (bytes), or None to close silently.

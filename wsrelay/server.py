@@ -180,7 +180,7 @@ def _ops_only(app):
         start_response(status_line(404), [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
         return [body]
 
-    ops.handshake_guard = app.handshake_guard  # the same deadline on both listeners
+    ops.handshake_guard = app.handshake_guard  # the deadline, and one cap for both listeners
     ops.tracer = app.tracer
     return ops
 

@@ -213,12 +213,14 @@ class RelayHandler(WebSocketHandler):
 
     def handle_one_request(self):
         """One request.  When the application has a ``handshake_guard`` (:class:`wsrelay.handshake.HandshakeGuard`),
-        the head must arrive within its deadline."""
+        the head must arrive within its deadline, and a first request past its cap is refused unread."""
         guard = getattr(self.server.application, "handshake_guard", None)
         if guard is None:
             return self._one_request()
         served = self._served  # requests answered before this one on the connection
         self._served += 1
+        if not served and guard.full:
+            return self._last_answer(guard.refusal(self._client()))
         timer = gevent.Timeout(guard.timeout)  # a hub timer that interrupts this greenlet's read
         timer.start()
         self._head_timer, self._pending, self._request_line_read = timer, guard, False

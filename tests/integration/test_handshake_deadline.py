@@ -1,4 +1,5 @@
-"""The client's part of the handshake, bounded: the request-head deadline."""
+"""The client's part of the handshake, bounded: the request-head deadline, and the cap on connections still waiting
+for their head."""
 
 import json
 import socket
@@ -15,6 +16,7 @@ from wsrelay.frames import OP_TEXT
 pytestmark = pytest.mark.timeout(60)
 
 DEADLINE = "server__handshake_timeout_seconds"
+MAX_PENDING = "server__max_pending_handshakes"
 HEAD_WITH_REQUEST_LINE = b"GET /v1/responses HTTP/1.1\r\nHost: x\r\n"  # and then nothing: no blank line
 PART_OF_A_REQUEST_LINE = b"GET /v1/resp"
 
@@ -58,6 +60,12 @@ def assert_json_error(status, headers, body, expected, code):
     assert headers["content-type"] == "application/json" and int(headers["content-length"]) == len(body), headers
     error = json.loads(body)["error"]
     assert error["code"] == code and error["message"] and error["type"], error
+
+
+def wait_until(condition, timeout, what):
+    with gevent.Timeout(timeout, AssertionError("not within %ss: %s" % (timeout, what))):
+        while not condition():
+            gevent.sleep(0.01)
 
 
 def complete_a_turn(url):
@@ -160,3 +168,32 @@ def test_upstream_dial_slower_than_the_deadline_gets_its_own_504_not_a_408(relay
         assert tracer.find("handshake_timeout") == []
     finally:
         never_accepts.close()
+
+
+# -- the cap on pending handshakes ---------------------------------------------------------------------------
+
+
+def test_connection_past_the_pending_cap_gets_503_with_retry_after_and_clients_are_served_once_they_time_out(
+        fake, relay, tracer, store):
+    _, up_url = fake()
+    url = relay(up_url, **{MAX_PENDING: 5, DEADLINE: 1.0})
+    app = relay.apps[0]
+    stalled = [open_raw(url) for _ in range(5)]
+    wait_until(lambda: getattr(getattr(app, "handshake_guard", None), "pending", 0) == 5, 5,
+               "the relay holds the 5 stalled connections")
+    refused, status, headers, body = raw_request(url)
+    assert_json_error(status, headers, body, 503, "too_many_pending_handshakes")
+    assert headers["retry-after"] == "1"
+    refusal = tracer.wait_for("handshake_refused")
+    assert refusal["code"] == "too_many_pending_handshakes" and refusal["status"] == 503
+    for sock in stalled:
+        data, closed = wait_closed(sock, 1 + 2)
+        assert closed and data == b""
+    # A client served once they are gone keeps its session past the deadline: the deadline ended with its head.
+    client = connect(url)
+    witness = open_raw(url)  # stalled from the same moment: its close marks the deadline's passing
+    assert wait_closed(witness, 3) == (b"", True)
+    client.send(OP_TEXT, CREATE)
+    read_until_marker(client, b'"response.completed"')
+    assert store.wait(1)[0]["terminal_event"] == "response.completed"
+    assert app.handshake_guard.pending == 0
