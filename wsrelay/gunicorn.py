@@ -4,8 +4,8 @@
 
 It is gunicorn's gevent pywsgi worker with wsrelay's handler (so upgrades are refused or accepted before any
 101 and the relay owns the frames; every request head has ``server.handshake_timeout_seconds``, and connections
-past ``server.max_pending_handshakes`` get 503), wsrelay's listener (TLS negotiated under the deadline), the usage
-store started in the worker and flushed when it exits, and
+past ``server.max_pending_handshakes`` get 503), wsrelay's listener (``accept()`` backs off when descriptors run
+out; TLS is negotiated under the deadline), the usage store started in the worker and flushed when it exits, and
 SIGTERM ending sessions the wsrelay way: live turns run to their end for ``server.shutdown_grace_seconds``,
 then clients get 1001 and their turns are drained so they are billed.  ``--graceful-timeout`` must cover that
 grace plus ``upstream_drain_timeout_seconds``, or gunicorn kills the drains.  Do not use ``--preload``.
@@ -23,7 +23,7 @@ class Handler(RelayHandler, PyWSGIHandler):
 
 
 class Server(RelayListener, PyWSGIServer):
-    """gunicorn's server with TLS negotiated under the handshake deadline."""
+    """gunicorn's server with wsrelay's accept backoff and TLS under the handshake deadline."""
 
 
 class Worker(GeventPyWSGIWorker):

@@ -1,7 +1,9 @@
-"""The client's part of the handshake, bounded: the request-head deadline, and the cap on connections still waiting
-for their head."""
+"""The client's part of the handshake, bounded: the request-head deadline, the cap on connections still waiting
+for their head, and the listener's back-off when ``accept()`` runs out of descriptors."""
 
 import json
+import os
+import resource
 import socket
 import time
 
@@ -9,9 +11,10 @@ import gevent
 import gevent.event
 import pytest
 
-from tests.conftest import connect, raw_request, read_response
+from tests.conftest import connect, free_port, raw_request, read_response
 from tests.peers import CREATE, port_of, read_until_marker
 from wsrelay.frames import OP_TEXT
+from wsrelay.trace import parse_line
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -197,3 +200,46 @@ def test_connection_past_the_pending_cap_gets_503_with_retry_after_and_clients_a
     read_until_marker(client, b'"response.completed"')
     assert store.wait(1)[0]["terminal_event"] == "response.completed"
     assert app.handshake_guard.pending == 0
+
+
+# -- accept() out of descriptors -----------------------------------------------------------------------------
+
+
+def _cpu_seconds(pid):
+    fields = open("/proc/%d/stat" % pid).read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _low_descriptor_limit():
+    resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+
+
+def test_accept_out_of_descriptors_pauses_with_one_trace_line_and_serves_again_once_they_are_free(
+        fake, serve, tmp_path):
+    _, up_url = fake()
+    config = tmp_path / "wsrelay.yaml"
+    config.write_text("usage: {sqlite_path: %s}\nserver: {handshake_timeout_seconds: 60}\n"
+                      % json.dumps(str(tmp_path / "usage.db")))
+    port = free_port()
+    served = serve("--config", config, "--port", port, "--upstream", up_url, preexec_fn=_low_descriptor_limit)
+    served.wait_listening(port)
+    url = "ws://127.0.0.1:%d/v1/responses" % port
+    held = [open_raw(url) for _ in range(100)]  # more than the relay's 64 descriptors
+
+    def lines(stage):
+        return [parse_line(line) for line in served.lines if "stage=%s " % stage in line]
+
+    wait_until(lambda: lines("accept_failed"), 10, "an accept_failed trace line")
+    cpu = _cpu_seconds(served.proc.pid)
+    gevent.sleep(2)  # a stretch of the burst: the relay must neither log nor spin through it
+    assert _cpu_seconds(served.proc.pid) - cpu < 0.5
+    failed = lines("accept_failed")
+    assert len(failed) == 1 and failed[0]["error"] == "EMFILE", served.stderr()
+    assert "Traceback" not in served.stderr()
+
+    for sock in held:
+        sock.close()
+    complete_a_turn(url)
+    wait_until(lambda: lines("accept_recovered"), 5, "an accept_recovered trace line")
+    assert int(lines("accept_recovered")[0]["failures"]) >= 1
+    assert len(lines("accept_failed")) == 1 and "Traceback" not in served.stderr()
