@@ -10,6 +10,7 @@ import time
 import gevent
 import gevent.event
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import connect, free_port, raw_request, read_response
 from tests.peers import CREATE, port_of, read_until_marker
@@ -71,6 +72,16 @@ def wait_until(condition, timeout, what):
             gevent.sleep(0.01)
 
 
+def scrape(url):
+    sock = open_raw(url)
+    sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    status, _, body = read_response(sock)
+    sock.close()
+    assert status == 200
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(body.decode()) for s in family.samples}
+
+
 def complete_a_turn(url):
     client = connect(url)
     client.send(OP_TEXT, CREATE)
@@ -121,7 +132,10 @@ def test_300_half_sent_heads_are_closed_by_the_deadline_while_a_client_connectin
     assert len(timeouts) == attackers
     assert sorted(f["request_line"] for f in timeouts) == [False] * 150 + [True] * 150
     assert all(set(f) == {"client", "request_line", "served", "timeout_s"} for f in timeouts)
-    assert relay.apps[0].handshake_guard.pending == 0  # every path gave its count back
+    samples = scrape(url)
+    assert samples[("wsrelay_handshake_timeouts_total", (("request_line", "true"),))] == 150
+    assert samples[("wsrelay_handshake_timeouts_total", (("request_line", "false"),))] == 150
+    assert samples[("wsrelay_pending_handshakes", ())] == 0  # every path gave its count back
 
 
 def test_connection_that_sends_nothing_is_closed_without_an_answer_after_the_deadline(fake, relay, tracer):
@@ -243,3 +257,4 @@ def test_accept_out_of_descriptors_pauses_with_one_trace_line_and_serves_again_o
     wait_until(lambda: lines("accept_recovered"), 5, "an accept_recovered trace line")
     assert int(lines("accept_recovered")[0]["failures"]) >= 1
     assert len(lines("accept_failed")) == 1 and "Traceback" not in served.stderr()
+    assert scrape(url)[("wsrelay_accept_pauses_total", (("error", "EMFILE"),))] == 1
