@@ -263,11 +263,13 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class Served:
-    """A ``wsrelay serve`` process; its standard error is collected as it comes."""
+    """A ``wsrelay serve`` process; its standard error is collected as it comes.  ``preexec_fn`` runs in the
+    child before the relay starts (e.g. to lower its open-file limit)."""
 
-    def __init__(self, *args, env=None):
+    def __init__(self, *args, env=None, preexec_fn=None):
         self.proc = subprocess.Popen([sys.executable, "-m", "wsrelay", "serve"] + [str(a) for a in args],
-                                     cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                                     cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                                     preexec_fn=preexec_fn)
         self.lines = []
         self.reader = gevent.spawn(self._read)
 
@@ -320,8 +322,8 @@ class Served:
 def serve():
     started = []
 
-    def start(*args, env=None):
-        served = Served(*args, env=env)
+    def start(*args, env=None, preexec_fn=None):
+        served = Served(*args, env=env, preexec_fn=preexec_fn)
         started.append(served)
         return served
 

@@ -36,6 +36,8 @@ def test_defaults():
     assert cfg["server.host"] == "127.0.0.1"
     assert cfg["server.port"] == 8080
     assert cfg["server.backlog"] == 1024
+    assert cfg["server.handshake_timeout_seconds"] == 10.0
+    assert cfg["server.max_pending_handshakes"] == 1024
     assert cfg["upstream.url"] == "wss://api.openai.com/v1/responses"
     assert cfg["upstream.api_key"] is None
     assert cfg["upstream.api_key_env"] == "OPENAI_API_KEY"
@@ -205,6 +207,10 @@ def test_config_error_message_joins_the_problems():
     ("server.port", "http", "integer"),
     ("server.port", [80], "integer"),
     ("server.backlog", 0, "at least 1"),
+    ("server.handshake_timeout_seconds", 0, "greater than 0"),
+    ("server.handshake_timeout_seconds", -1, "greater than 0"),
+    ("server.max_pending_handshakes", 0, "at least 1"),
+    ("server.max_pending_handshakes", 2.5, "integer"),
     ("server.host", 127, "string"),
     ("server.host", None, "empty"),
     ("upstream.url", "https://api.openai.com/v1/responses", "ws://"),
@@ -233,7 +239,7 @@ def test_bad_value_gives_one_message_naming_the_setting(tmp_path, name, value, w
     assert words in problems[0], problems
 
 
-@pytest.mark.parametrize("name", ["upstream.connect_timeout_seconds", INTERVAL])
+@pytest.mark.parametrize("name", ["upstream.connect_timeout_seconds", "server.handshake_timeout_seconds", INTERVAL])
 def test_not_a_number_is_refused_for_durations(name):
     for value in (float("nan"), "nan", "NaN"):
         problems = problems_of(None, {name: value})

@@ -95,6 +95,16 @@ SETTINGS = (
     Setting("server.metrics_listen", str, None,
             "host:port for a separate listener serving only /metrics, /healthz and /readyz (e.g. 127.0.0.1:9108). "
             "They are always served on the main listener too.", nullable=True),
+    Setting("server.handshake_timeout_seconds", float, 10.0,
+            "Time a client has to send its whole request head (request line and headers; over TLS the TLS "
+            "handshake too), counted from accept and, on a kept-alive plain HTTP connection, from the end of "
+            "the previous response. Past it the connection is closed, with 408 if a request line had arrived. "
+            "The upstream dial that follows has its own limit, upstream.connect_timeout_seconds.",
+            minimum=0, exclusive_minimum=True),
+    Setting("server.max_pending_handshakes", int, 1024,
+            "Connections the relay holds at most while waiting for their request head; past it a new "
+            "connection is answered 503 with Retry-After at once, without being read (closed without an answer "
+            "over TLS). Keep it well under the open-file limit.", minimum=1),
     Setting("server.shutdown_grace_seconds", float, 30.0,
             "On SIGTERM, how long live turns may run to their end before their clients are closed with 1001 "
             "(their upstreams are then drained so the turns are still billed).", minimum=0),

@@ -37,6 +37,12 @@ class Metrics:
                              registry=registry)
         self.tokens = Counter("wsrelay_usage_tokens", "Recorded tokens by model and kind", ["model", "kind"],
                               registry=registry)
+        self.handshake_timeouts = Counter("wsrelay_handshake_timeouts", "Connections closed for not sending their "
+                                          "request head in time, by whether a request line had arrived (then "
+                                          "answered 408)", ["request_line"], registry=registry)
+        self.accept_pauses = Counter("wsrelay_accept_pauses", "Bursts of accept() failures for lack of "
+                                     "descriptors or memory (accepting paused), by error", ["error"],
+                                     registry=registry)
         self._completed = {"bytes": dict.fromkeys(DIRECTIONS, 0), "frames": dict.fromkeys(DIRECTIONS, 0)}
         registry.register(_LiveCollector(self))
 
@@ -100,6 +106,8 @@ _HANDLERS = {
     "drain_timeout": lambda m, f: m.drains.labels("timeout").inc(),
     "drain_upstream_lost": lambda m, f: m.drains.labels("upstream_lost").inc(),
     "first_exit": _first_exit,
+    "handshake_timeout": lambda m, f: m.handshake_timeouts.labels(str(f.get("request_line")).lower()).inc(),
+    "accept_failed": lambda m, f: m.accept_pauses.labels(str(f.get("error"))).inc(),
     "usage_recorded": _usage,
 }
 
@@ -117,6 +125,10 @@ class _LiveCollector:
         metrics = self.metrics
         sessions = list(metrics.app.sessions) if metrics.app is not None else []
         yield GaugeMetricFamily("wsrelay_sessions", "Live relay sessions", value=len(sessions))
+        guard = getattr(metrics.app, "handshake_guard", None)
+        if guard is not None:
+            yield GaugeMetricFamily("wsrelay_pending_handshakes", "Connections whose request head is awaited",
+                                    value=guard.pending)
         live = {"bytes": {"client_to_upstream": sum(s.bytes_to_upstream for s in sessions),
                           "upstream_to_client": sum(s.bytes_to_client for s in sessions)},
                 "frames": {"client_to_upstream": sum(s.frames_to_upstream for s in sessions),

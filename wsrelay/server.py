@@ -8,10 +8,10 @@ import time
 
 import gevent
 import gevent.event
-from gevent.pywsgi import WSGIServer
 
 from . import auth, upstream
 from .config import ConfigError
+from .handshake import HandshakeGuard, RelayServer
 from .keepalive import app_keepalive_choice
 from .metrics import Metrics
 from .systemd import Notifier
@@ -34,6 +34,7 @@ class RelayApp:
         self.sessions = set()
         self.per_key = collections.Counter()  # sessions (and dials in progress) per key id
         self.connections = 0
+        self.handshake_guard = HandshakeGuard(self)  # the connections whose request head is awaited
         self.accepting = True
         self.metrics = Metrics(self, store)
         tracer.listeners.append(self.metrics.observe)
@@ -184,6 +185,8 @@ def _ops_only(app):
         start_response(status_line(404), [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
         return [body]
 
+    ops.handshake_guard = app.handshake_guard  # the deadline, and one cap for both listeners
+    ops.tracer = app.tracer
     return ops
 
 
@@ -214,7 +217,7 @@ def make_server(config, tracer, store=None, listener=None):
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         context.load_cert_chain(config["server.tls_cert"], config["server.tls_key"])
         tls = {"ssl_context": context}
-    server = WSGIServer(address, app, handler_class=RelayHandler, log=None, backlog=config["server.backlog"], **tls)
+    server = RelayServer(address, app, handler_class=RelayHandler, log=None, backlog=config["server.backlog"], **tls)
     server.app = app
     server.client_error_log = lambda handler, status, error: tracer.emit(
         "handshake_refused", status=status, code="unparsable_request", error=error[:200], client=_client(handler))
@@ -265,7 +268,8 @@ def serve(config, tracer, store, reload=None):
     side = None
     if config["server.metrics_listen"]:
         host, _, port = config["server.metrics_listen"].rpartition(":")
-        side = WSGIServer((host.strip("[]"), int(port)), _ops_only(server.app), log=None)
+        side = RelayServer((host.strip("[]"), int(port)), _ops_only(server.app), handler_class=RelayHandler,
+                           log=None)
         side.start()
         tracer.emit("metrics_listening", host=host, port=side.server_port)
     host, port = server.address[:2]

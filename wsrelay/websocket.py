@@ -17,6 +17,7 @@ import json
 import re
 import socket
 
+import gevent
 from gevent import pywsgi
 from geventwebsocket.handler import WebSocketHandler
 
@@ -24,7 +25,7 @@ GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 SUPPORTED_VERSION = "13"
 
 _REASONS = {400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found", 414: "URI Too Long",
-            405: "Method Not Allowed", 426: "Upgrade Required", 429: "Too Many Requests",
+            405: "Method Not Allowed", 408: "Request Timeout", 426: "Upgrade Required", 429: "Too Many Requests",
             431: "Request Header Fields Too Large", 500: "Internal Server Error", 502: "Bad Gateway",
             503: "Service Unavailable", 504: "Gateway Timeout"}
 _TYPES = {401: "authentication_error", 403: "permission_error", 429: "rate_limit_error"}
@@ -36,11 +37,13 @@ def error_body(status, code, message):
     return json.dumps({"error": {"message": message, "type": kind, "code": code}}).encode("utf-8")
 
 
-def _error_response(status, code, message):
-    """A whole HTTP error response (for pywsgi's pre-WSGI error path, which writes raw bytes)."""
+def error_response(status, code, message, headers=()):
+    """A whole HTTP error response as ``(status, bytes)``, for the paths that write raw bytes (pywsgi's pre-WSGI
+    errors, the handshake guard's answers)."""
     body = error_body(status, code, message)
-    head = ("HTTP/1.1 %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\nConnection: close\r\n\r\n"
+    head = ("HTTP/1.1 %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\nConnection: close\r\n"
             % (status_line(status), len(body)))
+    head += "".join("%s: %s\r\n" % header for header in headers) + "\r\n"
     return str(status), head.encode("latin-1") + body
 
 
@@ -201,13 +204,99 @@ class RelayHandler(WebSocketHandler):
             rfile.close()
         return sock, initial
 
+    # -- the request head, under the handshake deadline (wsrelay.handshake) --------------------------------------
+
+    _head_timer = None  # the deadline of the head being read
+    _pending = None  # the HandshakeGuard this connection is counted in while its head is awaited
+    _request_line_read = False
+    _served = 0  # requests begun on this connection
+
     def handle_one_request(self):
+        """One request.  When the application has a ``handshake_guard`` (:class:`wsrelay.handshake.HandshakeGuard`),
+        the head must arrive within its deadline, and a first request past its cap is refused unread."""
+        guard = getattr(self.server.application, "handshake_guard", None)
+        if guard is None:
+            return self._one_request()
+        served = self._served  # requests answered before this one on the connection
+        self._served += 1
+        if not served and guard.full:
+            return self._last_answer(guard.refusal(self._client()))
+        timer = gevent.Timeout(guard.timeout)  # a hub timer that interrupts this greenlet's read
+        timer.start()
+        self._head_timer, self._pending, self._request_line_read = timer, guard, False
+        guard.pending += 1
+        try:
+            if not served and self._tls_pending():
+                error = self._negotiate_tls()
+                if error is not None:
+                    guard.tls_failed(self._client(), error)
+                    return self._last_answer(None)
+            return self._one_request()
+        except gevent.Timeout as exc:
+            if exc is not timer:
+                raise
+            return self._last_answer(guard.timed_out(self._client(), self._request_line_read, served))
+        finally:
+            self._head_done()
+
+    def read_requestline(self):
+        line = super().read_requestline()
+        self._request_line_read = bool(line)
+        return line
+
+    def read_request(self, raw_requestline):
+        try:
+            return super().read_request(raw_requestline)
+        finally:
+            self._head_done()  # the head is in (or unparsable): the deadline ends before the dial and the app
+
+    def _head_done(self):
+        if self._head_timer is not None:
+            self._head_timer.close()
+            self._head_timer = None
+        if self._pending is not None:
+            self._pending.pending -= 1
+            self._pending = None
+
+    def _tls_pending(self):
+        # A TLS listener leaves the handshake to the handler (see RelayListener), so it runs under the deadline.
+        return hasattr(self.socket, "do_handshake") and self.socket.version() is None
+
+    def _negotiate_tls(self):
+        """The TLS handshake; returns None, or what went wrong."""
+        try:
+            self.socket.do_handshake()
+        except OSError as exc:
+            return str(exc) or exc.__class__.__name__
+        return None
+
+    def _last_answer(self, response):
+        """Send ``response`` (bytes, or None for nothing) without blocking, and end the connection.  Nothing
+        can be sent before a TLS handshake (answering would mean reading the client)."""
+        self.close_connection = True
+        sock = self.socket
+        if response is not None and not self._tls_pending():
+            timeout = sock.gettimeout()
+            try:
+                sock.settimeout(0.0)
+                sock.send(response)  # a few hundred bytes into an idle connection: taken whole
+            except (OSError, ValueError):
+                pass  # gone, or not reading: it is being closed anyway
+            finally:
+                sock.settimeout(timeout)
+        return None
+
+    def _client(self):
+        address = self.client_address
+        return "%s:%s" % address[:2] if isinstance(address, tuple) else str(address)
+
+    def _one_request(self):
         result = super().handle_one_request()
         if isinstance(result, tuple) and result[0] == "414":
             log = getattr(self.server, "client_error_log", None)
             if log is not None:
                 log(self, 414, "request line too long")
-            return _error_response(414, "request_line_too_long", "the request line is too long")
+            return error_response(414, "request_line_too_long", "the request line is too long")
         return result
 
     def _handle_client_error(self, ex):
@@ -222,7 +311,7 @@ class RelayHandler(WebSocketHandler):
         if log is not None:
             log(self, status, text)
         self.close_connection = True
-        return _error_response(status, code, message)
+        return error_response(status, code, message)
 
     def log_request(self):
         log = getattr(self.server, "request_log", None)

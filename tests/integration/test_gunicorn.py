@@ -3,15 +3,17 @@
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import time
 import urllib.request
 
 import gevent
 import pytest
 
-from tests.conftest import REPO, connect, free_port, raw_request
-from tests.peers import CREATE, read_close, read_until_marker
+from tests.conftest import REPO, connect, free_port, raw_request, read_response
+from tests.peers import CREATE, port_of, read_close, read_until_marker
 from wsrelay.frames import OP_PING, OP_PONG, OP_TEXT
 from wsrelay.store import UsageStore
 
@@ -120,3 +122,18 @@ def test_gunicorn_sigterm_lets_a_live_turn_finish_then_closes_1001(fake, gunicor
     assert proc.wait(timeout=20) == 0
     row = records(db)[0]
     assert row["terminal_event"] == "response.completed" and not row["client_disconnected"]
+
+
+def test_gunicorn_worker_answers_a_half_sent_head_with_408_after_the_deadline(fake, gunicorn):
+    _, up_url = fake()
+    proc, url, db = gunicorn(up_url, "server.handshake_timeout_seconds: 1\n")
+    sock = socket.create_connection(("127.0.0.1", port_of(url)), timeout=5)
+    sock.sendall(b"GET /v1/responses HTTP/1.1\r\nHost: x\r\n")
+    started = time.monotonic()
+    with gevent.Timeout(1 + 2, AssertionError("the worker still holds a half-sent head")):
+        status, headers, body = read_response(sock)
+    assert status == 408 and json.loads(body)["error"]["code"] == "request_timeout"
+    assert 0.9 <= time.monotonic() - started <= 1 + 2
+    client = connect(url)  # and serves WebSocket clients as before
+    client.send(OP_TEXT, CREATE)
+    read_until_marker(client, b'"response.completed"')

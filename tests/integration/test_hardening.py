@@ -3,15 +3,18 @@
 import io
 import json
 import os
+import socket
 import ssl
 import subprocess
+import time
 
 import gevent
 import pytest
 from gevent.pywsgi import WSGIServer
 
 from tests.conftest import connect, raw_request
-from tests.peers import CREATE, FIRST_MESSAGE_TIMEOUT, INTERVAL, PING_TIMEOUT, WS, read_close, read_until_marker
+from tests.peers import (CREATE, FIRST_MESSAGE_TIMEOUT, INTERVAL, PING_TIMEOUT, WS, port_of, read_close,
+                         read_until_marker)
 from wsrelay import trace
 from wsrelay.fake_upstream import FakeUpstream, FrameSocket
 from wsrelay.frames import OP_TEXT
@@ -142,6 +145,29 @@ def test_relay_serves_wss_with_its_own_certificate(fake, relay, certificate, sto
     read_until_marker(client, b'"response.completed"')
     assert store.wait(1)[0]["terminal_event"] == "response.completed"
     assert tracer.find("downstream_ping_ok")  # Pings over TLS go out from a greenlet, and are answered
+
+
+def test_tls_client_that_never_starts_its_tls_handshake_is_closed_after_the_deadline(fake, relay, certificate,
+                                                                                      tracer):
+    cert, key = certificate
+    _, url = fake()
+    relay_url = relay(url, server__tls_cert=cert, server__tls_key=key, server__handshake_timeout_seconds=0.5)
+    sock = socket.create_connection(("127.0.0.1", port_of(relay_url)), timeout=5)
+    started = time.monotonic()
+    with gevent.Timeout(3, AssertionError("the relay still holds a TLS connection that never said a word")):
+        assert sock.recv(100) == b""
+    assert 0.4 <= time.monotonic() - started < 2.5
+    assert tracer.wait_for("handshake_timeout")["request_line"] is False
+    plain = socket.create_connection(("127.0.0.1", port_of(relay_url)), timeout=5)
+    plain.sendall(b"GET /v1/responses HTTP/1.1\r\nHost: x\r\n\r\n")  # plain HTTP to the TLS listener
+    with gevent.Timeout(3, AssertionError("a failed TLS handshake was not closed")):
+        try:
+            while plain.recv(4096):
+                pass  # a TLS alert, if any
+        except ConnectionResetError:
+            pass
+    assert tracer.wait_for("tls_handshake_failed")["error"]
+    tls_connect(relay_url.replace("ws://", "wss://"), cert)  # TLS clients are still served
 
 
 @pytest.fixture
