@@ -33,27 +33,27 @@ def problems_of(path=None, overrides=None):
 
 def test_defaults():
     cfg = config.load()
-    assert cfg["server.host"] == "127.0.0.1"
-    assert cfg["server.port"] == 8080
-    assert cfg["server.backlog"] == 1024
-    assert cfg["server.handshake_timeout_seconds"] == 10.0
-    assert cfg["server.max_pending_handshakes"] == 1024
-    assert cfg["upstream.url"] == "wss://api.openai.com/v1/responses"
-    assert cfg["upstream.api_key"] is None
-    assert cfg["upstream.api_key_env"] == "OPENAI_API_KEY"
-    assert cfg["upstream.connect_timeout_seconds"] == 10.0
-    assert cfg["upstream.ca_file"] is None
-    assert cfg["auth.keys"] == []
-    assert cfg[INTERVAL] == 20.0
-    assert cfg[TIMEOUT] == 5.0
-    assert cfg[WS + "upstream_drain_timeout_seconds"] == 60.0
-    assert cfg[WS + "client_read_limit_bytes"] == 64 * 1024 * 1024
-    assert cfg[WS + "write_timeout_seconds"] == 60.0
-    assert cfg[WS + "close_timeout_seconds"] == 5.0
-    assert cfg["usage.sqlite_path"] == "./wsrelay-usage.db"
-    assert cfg["usage.fallback_path"] is None
-    assert cfg["usage.max_event_bytes"] == 64 * 1024 * 1024
-    assert cfg["trace.path"] is None
+    assert cfg.server.host == "127.0.0.1"
+    assert cfg.server.port == 8080
+    assert cfg.server.backlog == 1024
+    assert cfg.server.handshake_timeout_seconds == 10.0
+    assert cfg.server.max_pending_handshakes == 1024
+    assert cfg.upstream.url == "wss://api.openai.com/v1/responses"
+    assert cfg.upstream.api_key is None
+    assert cfg.upstream.api_key_env == "OPENAI_API_KEY"
+    assert cfg.upstream.connect_timeout_seconds == 10.0
+    assert cfg.upstream.ca_file is None
+    assert cfg.auth.keys == []
+    assert cfg.values[INTERVAL] == 20.0
+    assert cfg.values[TIMEOUT] == 5.0
+    assert cfg.gateway.openai_ws.upstream_drain_timeout_seconds == 60.0
+    assert cfg.gateway.openai_ws.client_read_limit_bytes == 64 * 1024 * 1024
+    assert cfg.gateway.openai_ws.write_timeout_seconds == 60.0
+    assert cfg.gateway.openai_ws.close_timeout_seconds == 5.0
+    assert cfg.usage.sqlite_path == "./wsrelay-usage.db"
+    assert cfg.usage.fallback_path is None
+    assert cfg.usage.max_event_bytes == 64 * 1024 * 1024
+    assert cfg.trace.path is None
     assert set(cfg.values) == set(config.BY_NAME)
     assert cfg.source is None
 
@@ -70,8 +70,19 @@ def test_every_setting_has_a_default_of_its_own_type():
 
 def test_default_lists_are_not_shared_between_configs():
     first = config.load()
-    first["auth.keys"].append("mutated")
-    assert config.load()["auth.keys"] == []
+    first.auth.keys.append("mutated")
+    assert config.load().auth.keys == []
+
+
+def test_settings_are_typed_attributes_named_like_the_yaml_keys():
+    cfg = config.load(None, {"gateway.openai_ws.write_timeout_seconds": "7", "server.port": "9000"})
+    assert cfg.gateway.openai_ws.write_timeout_seconds == 7.0 and cfg.server.port == 9000
+    assert {name: cfg.values[name] for name in config.BY_NAME} == cfg.values
+    for setting in config.SETTINGS:
+        node = cfg
+        for part in setting.name.split("."):
+            node = getattr(node, part)
+        assert node == cfg.values[setting.name], setting.name
 
 
 def test_empty_file_means_defaults(tmp_path):
@@ -109,44 +120,44 @@ usage:
 """)
     cfg = config.load(path)
     assert cfg.source == path
-    assert cfg["server.host"] == "0.0.0.0"
-    assert cfg["server.port"] == 9001
-    assert cfg["upstream.url"] == "ws://127.0.0.1:9999/v1/responses"
-    assert cfg["upstream.connect_timeout_seconds"] == 2.5
-    assert cfg["auth.keys"] == ["first", "second"]
-    assert cfg[INTERVAL] == 15.0 and isinstance(cfg[INTERVAL], float)
-    assert cfg[TIMEOUT] == 3.0
-    assert cfg[WS + "client_read_limit_bytes"] == 1048576
-    assert cfg["usage.sqlite_path"] == "/var/lib/wsrelay/usage.db"
-    assert cfg["server.backlog"] == 1024  # not in the file: the default
+    assert cfg.server.host == "0.0.0.0"
+    assert cfg.server.port == 9001
+    assert cfg.upstream.url == "ws://127.0.0.1:9999/v1/responses"
+    assert cfg.upstream.connect_timeout_seconds == 2.5
+    assert cfg.auth.keys == ["first", "second"]
+    assert cfg.values[INTERVAL] == 15.0 and isinstance(cfg.values[INTERVAL], float)
+    assert cfg.values[TIMEOUT] == 3.0
+    assert cfg.gateway.openai_ws.client_read_limit_bytes == 1048576
+    assert cfg.usage.sqlite_path == "/var/lib/wsrelay/usage.db"
+    assert cfg.server.backlog == 1024  # not in the file: the default
 
 
 def test_dotted_names_work_in_the_file_too(tmp_path):
     path = write(tmp_path, "server.port: 9100\ngateway:\n  openai_ws.close_timeout_seconds: 2\n")
     cfg = config.load(path)
-    assert cfg["server.port"] == 9100
-    assert cfg[WS + "close_timeout_seconds"] == 2.0
+    assert cfg.server.port == 9100
+    assert cfg.gateway.openai_ws.close_timeout_seconds == 2.0
 
 
 def test_overrides_beat_the_file(tmp_path):
     path = write(tmp_path, "server:\n  port: 9001\n  host: 0.0.0.0\nupstream:\n  url: ws://a.example/v1/responses\n")
     cfg = config.load(path, {"server.port": 9002, "upstream.url": "wss://b.example/v1/responses"})
-    assert cfg["server.port"] == 9002
-    assert cfg["upstream.url"] == "wss://b.example/v1/responses"
-    assert cfg["server.host"] == "0.0.0.0"  # not overridden: the file's value
+    assert cfg.server.port == 9002
+    assert cfg.upstream.url == "wss://b.example/v1/responses"
+    assert cfg.server.host == "0.0.0.0"  # not overridden: the file's value
 
 
 def test_none_overrides_leave_the_file_value(tmp_path):
     path = write(tmp_path, "server:\n  port: 9001\n")
-    assert config.load(path, {"server.port": None, "server.host": None})["server.port"] == 9001
+    assert config.load(path, {"server.port": None, "server.host": None}).server.port == 9001
 
 
 def test_overrides_are_coerced_like_file_values():
     cfg = config.load(None, {"server.port": "9003", "auth.keys": "one, two ,three", INTERVAL: "0.5",
                              TIMEOUT: "0.25"})
-    assert cfg["server.port"] == 9003
-    assert cfg["auth.keys"] == ["one", "two", "three"]
-    assert cfg[INTERVAL] == 0.5 and cfg[TIMEOUT] == 0.25
+    assert cfg.server.port == 9003
+    assert cfg.auth.keys == ["one", "two", "three"]
+    assert cfg.values[INTERVAL] == 0.5 and cfg.values[TIMEOUT] == 0.25
 
 
 def test_upstream_api_key_prefers_the_setting_then_the_environment(monkeypatch):
@@ -284,8 +295,8 @@ def test_section_with_every_setting_commented_out_is_empty_not_unknown(tmp_path)
     path = write(tmp_path, "server:\n  port: 9000\ntrace:\n  # path: /var/log/wsrelay.trace\n"
                            "gateway:\n  openai_ws:\n    # close_timeout_seconds: 5\n")
     cfg = config.load(path)
-    assert cfg["server.port"] == 9000
-    assert cfg["trace.path"] is None
+    assert cfg.server.port == 9000
+    assert cfg.trace.path is None
 
 
 # -- the ping timeout and interval -------------------------------------------------------------------------------
@@ -306,7 +317,7 @@ def test_ping_timeout_default_must_be_less_than_a_configured_interval():
 @pytest.mark.parametrize("timeout", [0.001, 5, 30, 3600])
 def test_interval_zero_allows_any_positive_timeout(timeout):
     cfg = config.load(None, {INTERVAL: 0, TIMEOUT: timeout})
-    assert cfg[INTERVAL] == 0 and cfg[TIMEOUT] == timeout
+    assert cfg.values[INTERVAL] == 0 and cfg.values[TIMEOUT] == timeout
 
 
 @pytest.mark.parametrize("interval, timeout", [(0.5, 0.2), (0.25, 0.1), (1.5, 1), (19.9, 5)])
@@ -314,7 +325,7 @@ def test_fractional_interval_is_allowed(tmp_path, interval, timeout):
     path = write(tmp_path, "gateway:\n  openai_ws:\n    passthrough_downstream_ping_interval_seconds: %s\n"
                            "    passthrough_downstream_ping_timeout_seconds: %s\n" % (interval, timeout))
     cfg = config.load(path)
-    assert cfg[INTERVAL] == interval and cfg[TIMEOUT] == timeout
+    assert cfg.values[INTERVAL] == interval and cfg.values[TIMEOUT] == timeout
 
 
 # -- the sample configuration ------------------------------------------------------------------------------------
@@ -326,7 +337,7 @@ def test_rendered_yaml_loads_back_to_exactly_the_defaults(tmp_path):
     defaults = config.load()
     assert loaded.values == defaults.values
     for name, value in defaults.values.items():
-        assert type(loaded[name]) is type(value), name
+        assert type(loaded.values[name]) is type(value), name
     assert yaml.safe_load(text)  # plain YAML, no tags
 
 
@@ -348,7 +359,7 @@ def test_sample_config_in_the_repository_is_the_rendered_defaults():
 def test_sample_config_loads():
     cfg = config.load(os.path.join(REPO, "etc", "wsrelay.yaml"))
     assert cfg.values == config.load().values
-    assert not math.isnan(cfg[INTERVAL])
+    assert not math.isnan(cfg.values[INTERVAL])
 
 
 def test_readme_settings_reference_is_generated_from_the_settings_table():

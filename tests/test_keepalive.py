@@ -1,5 +1,5 @@
-"""The keepalive round itself, against a stand-in session: in the hub when the Ping cannot block, else in a
-greenlet; the Pong awaited by a timer either way."""
+"""The keepalive round itself, against a stand-in writer: in the hub when the Ping cannot block, else in a
+greenlet; the Pong awaited by a timer either way.  The downstream writer's own rules over a socket pair."""
 
 import socket
 import time
@@ -8,44 +8,47 @@ import gevent
 import gevent.event
 import pytest
 
-from wsrelay import frames, keepalive
-from wsrelay import config
-from wsrelay.splice import Splice
-from wsrelay.trace import NullTracer
+from wsrelay import config, frames, keepalive
+from wsrelay import writer as writer_mod
+from wsrelay.writer import DownstreamWriter
 
 
 class StandIn:
-    """The session interface Keepalive documents, recording what it is asked to do."""
+    """A writer and a session as Keepalive documents them, recording what the keepalive asks for."""
 
     def __init__(self, writable=True):
         self.first_business_write = gevent.event.Event()
-        self.last_downstream_write = time.monotonic()
+        self.last_write = time.monotonic()
         self.pong_event = gevent.event.Event()
         self.expected_pong = None
-        self.wrote_downstream = True
+        self.wrote_business = True
         self.writable = writable
         self.hub_pings = []
         self.greenlet_pings = []
         self.traces = []
         self.failures = []
 
-    def try_send_ping(self, payload):
+    def try_ping(self, payload):
         if not self.writable:
             return None
         assert gevent.getcurrent() is gevent.get_hub()  # the fast path runs in the hub, never blocks
         self.hub_pings.append(payload)
-        self.last_downstream_write = time.monotonic()
-        return self.last_downstream_write
+        self.last_write = time.monotonic()
+        return self.last_write
 
-    def send_ping(self, payload, interval):
+    def ping(self, payload, interval):
         self.greenlet_pings.append(payload)
-        self.last_downstream_write = time.monotonic()
-        return self.last_downstream_write
+        self.last_write = time.monotonic()
+        return self.last_write
+
+    def expect_pong(self, payload):
+        self.pong_event.clear()
+        self.expected_pong = payload
 
     def trace(self, stage, **fields):
         self.traces.append(stage)
 
-    def keepalive_failed(self, error):
+    def failed(self, error):
         self.failures.append(error)
 
     def answer(self):
@@ -54,8 +57,13 @@ class StandIn:
             self.pong_event.set()
 
 
+def keepalive_for(stand_in, interval, timeout):
+    return keepalive.Keepalive(stand_in, stand_in.expect_pong, stand_in.pong_event, interval, timeout,
+                               stand_in.trace, stand_in.failed)
+
+
 def run_rounds(session, rounds, interval=0.05, timeout=0.5, answer=True):
-    ka = keepalive.Keepalive(session, interval, timeout)
+    ka = keepalive_for(session, interval, timeout)
     ka.start()
     session.first_business_write.set()
     try:
@@ -94,7 +102,7 @@ def test_missing_pong_fails_the_keepalive_after_the_timeout(writable):
 
 def test_stop_during_the_pong_wait_reports_nothing():
     session = StandIn()
-    ka = keepalive.Keepalive(session, 0.05, 0.2)
+    ka = keepalive_for(session, 0.05, 0.2)
     ka.start()
     session.first_business_write.set()
     with gevent.Timeout(5):
@@ -102,50 +110,63 @@ def test_stop_during_the_pong_wait_reports_nothing():
             gevent.sleep(0.01)
     ka.stop()
     session.answer()
-    gevent.sleep(0.3)
-    assert session.traces == [] and session.failures == []
+    with pytest.raises(gevent.Timeout):
+        with gevent.Timeout(0.3):  # past the Pong timeout: a stopped keepalive neither traces nor fails
+            while not (session.traces or session.failures):
+                gevent.sleep(0.01)
 
 
-def splice_over_socketpair():
+def writer_over_socketpair(failures=None):
     down, client = socket.socketpair()
-    up, upstream_end = socket.socketpair()
-    splice = Splice(down, up, config.load(), NullTracer())
-    return splice, client, (down, up, upstream_end)
+    on_failure = (lambda what, exc: failures.append((what, exc))) if failures is not None else None
+    return DownstreamWriter(down, 1.0, on_failure), client
 
 
-def test_try_send_ping_writes_a_whole_ping_frame_from_the_hub():
-    splice, client, others = splice_over_socketpair()
+def test_try_ping_writes_a_whole_ping_frame_from_the_hub():
+    writer, client = writer_over_socketpair()
     result = []
-    gevent.get_hub().loop.run_callback(lambda: result.append(splice.try_send_ping(b"p1")))
+    gevent.get_hub().loop.run_callback(lambda: result.append(writer.try_ping(b"p1")))
     gevent.sleep(0)
     assert result and result[0] is not None
     assert client.recv(64) == frames.build_frame(frames.OP_PING, b"p1")
-    assert not splice._down_lock.locked()
+    assert not writer._lock.locked()
 
 
-def test_try_send_ping_declines_mid_frame_and_on_a_full_buffer():
-    splice, client, others = splice_over_socketpair()
-    with splice._down_lock:  # a forwarded frame is half written
-        assert splice.try_send_ping(b"p") is None
-    splice.down_sock.setblocking(False)
+def test_try_ping_declines_mid_frame_and_on_a_full_buffer():
+    writer, client = writer_over_socketpair()
+    assert writer.forward(b"\x82\x7e\x01\x00" + b"x" * 10, True, True)  # a forwarded frame is half written
+    assert writer.try_ping(b"p") is None
+    assert writer.control(frames.build_close(1000)) is False  # nor a close inside the frame
+    assert writer.forward(b"x" * 246, False, False)
+    writer.sock.setblocking(False)
     try:
         while True:
-            splice.down_sock.send(b"x" * 65536)
+            writer.sock.send(b"x" * 65536)
     except BlockingIOError:
         pass
-    assert splice.try_send_ping(b"p") is None
-    assert not splice._down_lock.locked()
+    assert writer.try_ping(b"p") is None
+    assert not writer._lock.locked()
 
 
-def test_try_send_ping_leaves_tls_clients_to_the_greenlet_path():
+def test_try_ping_leaves_tls_clients_to_the_greenlet_path():
     import ssl
     down, client = socket.socketpair()
     tls = ssl.create_default_context().wrap_socket(down, server_hostname="client", do_handshake_on_connect=False)
-    up, upstream_end = socket.socketpair()
-    splice = Splice(tls, up, config.load(), NullTracer())
+    writer = DownstreamWriter(tls, 1.0, None)
     # A TLS write that would block must be retried with the same bytes: never attempted from the hub.
-    assert splice.try_send_ping(b"p") is None
-    assert not splice._down_lock.locked()
+    assert writer.try_ping(b"p") is None
+    assert not writer._lock.locked()
+
+
+def test_every_failed_write_is_reported_once_through_on_failure():
+    failures = []
+    writer, client = writer_over_socketpair(failures)
+    client.close()
+    with gevent.Timeout(5):
+        while writer.forward(b"x" * 65536, False, True):
+            pass
+    assert [what for what, _ in failures] == [writer_mod.FORWARD] and not writer.open
+    assert writer.forward(b"more", False, True) is False and len(failures) == 1  # closed: no second report
 
 
 @pytest.mark.parametrize("mode, interval, originator, user_agent, choice", [
@@ -165,8 +186,8 @@ def test_app_keepalive_goes_to_the_clients_the_mode_selects(mode, interval, orig
 
 
 def test_by_default_codex_clients_get_the_app_keepalive_every_30_seconds():
-    cfg = config.load()
-    ws = "gateway.openai_ws.passthrough_downstream_app_keepalive_"
-    assert (cfg[ws + "mode"], cfg[ws + "interval_seconds"]) == ("auto", 30.0)
+    ws = config.load().gateway.openai_ws
+    assert (ws.passthrough_downstream_app_keepalive_mode,
+            ws.passthrough_downstream_app_keepalive_interval_seconds) == ("auto", 30.0)
     with pytest.raises(config.ConfigError, match="must be one of auto, always, never"):
-        config.load(None, {ws + "mode": "sometimes"})
+        config.load(None, {"gateway.openai_ws.passthrough_downstream_app_keepalive_mode": "sometimes"})

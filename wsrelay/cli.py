@@ -41,8 +41,8 @@ def serve(config_path, host, port, upstream):
 
     overrides = {"server.host": host, "server.port": port, "upstream.url": upstream}
     cfg = _load(config_path, overrides)
-    tracer = Tracer(path=cfg["trace.path"])
-    store = UsageStore(cfg["usage.sqlite_path"], cfg.usage_fallback_path, trace=tracer)
+    tracer = Tracer(path=cfg.trace.path)
+    store = UsageStore(cfg.usage.sqlite_path, cfg.usage_fallback_path, trace=tracer)
     try:
         store.start()
     except Exception as exc:  # the relay still runs: records then wait in the fallback file
@@ -50,7 +50,7 @@ def serve(config_path, host, port, upstream):
     try:
         sys.exit(run(cfg, tracer, store, reload=lambda: config_mod.load(config_path, overrides)))
     except OSError as exc:
-        click.echo("wsrelay: cannot listen on %s:%s: %s" % (cfg["server.host"], cfg["server.port"],
+        click.echo("wsrelay: cannot listen on %s:%s: %s" % (cfg.server.host, cfg.server.port,
                                                             exc.strerror or exc), err=True)
         sys.exit(1)
 
@@ -76,7 +76,7 @@ def usage(config_path, db_path, since, group_by, fmt):
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--since")
     cfg = _load(config_path)
-    path = db_path or cfg["usage.sqlite_path"]
+    path = db_path or cfg.usage.sqlite_path
     store = UsageStore(path, None if db_path else cfg.usage_fallback_path)
     click.echo(format_records(store.query(since=since_epoch), fmt, groups), nl=False)
 
@@ -108,7 +108,7 @@ def check_config(config_path, print_defaults, print_reference):
         raise click.UsageError("--config is required (or --print-defaults)")
     cfg = _load(config_path)
     warnings = []
-    if cfg["auth.keys"] and not cfg.upstream_api_key():
+    if cfg.auth.keys and not cfg.upstream_api_key():
         warnings.append("auth.keys is set but there is no upstream credential (upstream.api_key or the "
                         "variable named by upstream.api_key_env): every session would be refused")
     for warning in warnings:

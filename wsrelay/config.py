@@ -185,29 +185,47 @@ SETTINGS = (
 BY_NAME = {s.name: s for s in SETTINGS}
 
 
+class Section:
+    """One level of the settings tree: its settings as typed attributes (``config.server.port``), and its
+    sub-sections (``config.gateway.openai_ws``)."""
+
+    def __init__(self, path):
+        self._path = path
+
+    def __repr__(self):
+        return "<settings %s>" % self._path
+
+
 @dataclass
 class Config:
-    """Validated settings; read them with ``config["server.port"]`` or ``config.get(...)``."""
+    """Validated settings, read as attributes named like the YAML keys: ``config.server.port``,
+    ``config.gateway.openai_ws.write_timeout_seconds``.  ``values`` holds them by dotted name as well."""
 
     values: dict = field(default_factory=dict)
     source: str = None
 
-    def __getitem__(self, name):
-        return self.values[name]
-
-    def get(self, name, default=None):
-        return self.values.get(name, default)
+    def __post_init__(self):
+        for name, value in self.values.items():
+            node = self
+            parts = name.split(".")
+            for depth, part in enumerate(parts[:-1]):
+                child = node.__dict__.get(part)
+                if child is None:
+                    child = Section(".".join(parts[:depth + 1]))
+                    setattr(node, part, child)
+                node = child
+            setattr(node, parts[-1], value)
 
     def upstream_api_key(self):
         """The upstream credential: ``upstream.api_key``, else the environment variable it names."""
-        key = self.values["upstream.api_key"]
-        if not key and self.values["upstream.api_key_env"]:
-            key = os.environ.get(self.values["upstream.api_key_env"]) or None
+        key = self.upstream.api_key
+        if not key and self.upstream.api_key_env:
+            key = os.environ.get(self.upstream.api_key_env) or None
         return key
 
     @property
     def usage_fallback_path(self):
-        return self.values["usage.fallback_path"] or self.values["usage.sqlite_path"] + ".pending.jsonl"
+        return self.usage.fallback_path or self.usage.sqlite_path + ".pending.jsonl"
 
 
 def _flatten(tree, prefix="", out=None, problems=None):

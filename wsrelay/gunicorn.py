@@ -33,7 +33,7 @@ class Worker(GeventPyWSGIWorker):
     def run(self):
         app = self.wsgi
         app.store.start()
-        app.tracer.emit("server_listening", worker=self.pid, upstream=app.config["upstream.url"],
+        app.tracer.emit("server_listening", worker=self.pid, upstream=app.config.upstream.url,
                         auth="keys" if app.keys.enabled else "passthrough")
         try:
             super().run()

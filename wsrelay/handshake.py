@@ -12,7 +12,7 @@ import time
 
 from gevent.pywsgi import WSGIServer
 
-from .keepalive import cancel_timer
+from .timers import cancel_timer
 from .websocket import error_response
 
 # accept() errors that mean "no descriptor or memory for one more connection": retrying at once cannot work.
@@ -34,15 +34,15 @@ class HandshakeGuard:
 
     @property
     def timeout(self):
-        return self.app.config["server.handshake_timeout_seconds"]
+        return self.app.config.server.handshake_timeout_seconds
 
     @property
     def full(self):
-        return self.pending >= self.app.config["server.max_pending_handshakes"]
+        return self.pending >= self.app.config.server.max_pending_handshakes
 
     def refusal(self, client):
         """Trace a connection refused at the cap; returns the 503 to send it (whole response, bytes)."""
-        limit = self.app.config["server.max_pending_handshakes"]
+        limit = self.app.config.server.max_pending_handshakes
         self.app.tracer.emit("handshake_refused", status=503, code="too_many_pending_handshakes", client=client,
                              pending=self.pending)
         return error_response(503, "too_many_pending_handshakes", "the relay holds %d connections that have "

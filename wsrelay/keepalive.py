@@ -17,23 +17,14 @@ import itertools
 import time
 
 import gevent
-import gevent.event
+
+from .timers import cancel_timer
+from .writer import PingUnsupported
 
 STAGE_OK = "downstream_ping_ok"
 STAGE_FAILED = "downstream_ping_failed"
 STAGE_UNSUPPORTED = "downstream_ping_unsupported"
 DIRECTION = "downstream_keepalive"
-
-
-class PingUnsupported(Exception):
-    """The downstream transport cannot carry a Ping frame."""
-
-
-def cancel_timer(timer):
-    """Stop and release a hub timer (or nothing, for None); returns None, for the attribute that held it."""
-    if timer is not None:
-        timer.stop()
-        timer.close()
 
 
 def ping_due_in(now, last_write, interval):
@@ -48,19 +39,22 @@ class Keepalive:
     timer's callback writes it if that cannot block and arms a Pong timer; otherwise a short-lived greenlet
     sends it and awaits the Pong with ``gevent.Timeout``.  Either way the Ping timer is re-armed after the Pong.
 
-    ``session`` provides: ``first_business_write`` (gevent Event), ``last_downstream_write`` (monotonic seconds),
-    ``try_send_ping(payload)`` (send time, or None when it would block; raises OSError when the client is gone),
-    ``send_ping(payload, interval)`` (raises OSError when the client is gone, PingUnsupported when it cannot
-    ping), ``pong_event`` (gevent Event the client pump sets on the matching Pong), ``expected_pong``
-    (attribute), ``trace(stage, **fields)`` and ``keepalive_failed(error)``.
+    ``writer`` is the session's :class:`~wsrelay.writer.DownstreamWriter` (``first_business_write``,
+    ``last_write``, ``wrote_business``, ``try_ping``, ``ping``; a failed write it reports itself);
+    ``expect_pong(payload)`` tells the client's frame stream which Pong is ours (and clears ``pong_event``, which
+    is set when it arrives); ``trace(stage, **fields)``; ``failed(error)`` when no Pong came in time.
     """
 
     _counter = itertools.count(1)
 
-    def __init__(self, session, interval, timeout, clock=time.monotonic):
-        self.session = session
+    def __init__(self, writer, expect_pong, pong_event, interval, timeout, trace, failed, clock=time.monotonic):
+        self.writer = writer
+        self.expect_pong = expect_pong
+        self.pong_event = pong_event
         self.interval = interval
         self.timeout = timeout
+        self.trace = trace
+        self.failed = failed
         self.clock = clock
         self._timer = None
         self._pong_timer = None
@@ -70,11 +64,11 @@ class Keepalive:
 
     def start(self):
         """Begin once the session has written its first business frame (never before)."""
-        self.session.first_business_write.rawlink(self._arm)
+        self.writer.first_business_write.rawlink(self._arm)
 
     def stop(self):
         self._stopped = True
-        self.session.first_business_write.unlink(self._arm)
+        self.writer.first_business_write.unlink(self._arm)
         self._disarm()
         self._end_pong_wait()
         if self._round is not None and self._round is not gevent.getcurrent():
@@ -84,7 +78,7 @@ class Keepalive:
         self._disarm()
         if self._stopped:
             return
-        delay = ping_due_in(self.clock(), self.session.last_downstream_write, self.interval)
+        delay = ping_due_in(self.clock(), self.writer.last_write, self.interval)
         self._timer = gevent.get_hub().loop.timer(max(0.0, delay))
         self._timer.start(self._due)
 
@@ -94,7 +88,7 @@ class Keepalive:
     def _due(self):
         # In the hub: a write since the timer was set moves the Ping back; otherwise the round starts here, or in
         # a greenlet when the Ping cannot be written without blocking.
-        if ping_due_in(self.clock(), self.session.last_downstream_write, self.interval) > 0:
+        if ping_due_in(self.clock(), self.writer.last_write, self.interval) > 0:
             self._arm()
         elif not self._stopped:
             self._disarm()
@@ -103,71 +97,102 @@ class Keepalive:
 
     def _expect(self):
         payload = b"wsrelay-keepalive-%d" % next(self._counter)
-        self.session.pong_event.clear()
-        self.session.expected_pong = payload
+        self.expect_pong(payload)
         return payload
 
     def _ping_from_hub(self):
         """The round without a greenlet; False when the Ping could not be written without blocking."""
-        session = self.session
-        try:
-            sent_at = session.try_send_ping(self._expect())
-        except OSError as exc:
-            session.keepalive_failed("ping write failed: %s" % (exc.strerror or exc))
-            return True
+        sent_at = self.writer.try_ping(self._expect())
         if sent_at is None:
             return False
         self._sent_at = sent_at
         self._pong_timer = gevent.get_hub().loop.timer(self.timeout)
         self._pong_timer.start(self._pong_missing)
-        session.pong_event.rawlink(self._pong_seen)
+        self.pong_event.rawlink(self._pong_seen)
         return True
 
     def _end_pong_wait(self):
-        self.session.pong_event.unlink(self._pong_seen)
+        self.pong_event.unlink(self._pong_seen)
         self._pong_timer = cancel_timer(self._pong_timer)
 
     def _pong_seen(self, _event):
         self._end_pong_wait()
         if self._stopped:
             return
-        session = self.session
-        session.trace(STAGE_OK, direction=DIRECTION, graceful=True, wrote_downstream=session.wrote_downstream,
-                      rtt_ms=round((self.clock() - self._sent_at) * 1000.0, 3))
+        self.trace(STAGE_OK, direction=DIRECTION, graceful=True, wrote_downstream=self.writer.wrote_business,
+                   rtt_ms=round((self.clock() - self._sent_at) * 1000.0, 3))
         self._arm()
 
     def _pong_missing(self):
         self._end_pong_wait()
         if not self._stopped:
-            self.session.keepalive_failed("no pong within %gs" % self.timeout)
+            self.failed("no pong within %gs" % self.timeout)
 
     def _ping_round(self):
-        session = self.session
         payload = self._expect()
         try:
-            sent_at = session.send_ping(payload, self.interval)
+            sent_at = self.writer.ping(payload, self.interval)
         except PingUnsupported:
-            session.trace(STAGE_UNSUPPORTED, direction=DIRECTION, graceful=True,
-                          wrote_downstream=session.wrote_downstream)
+            self.trace(STAGE_UNSUPPORTED, direction=DIRECTION, graceful=True,
+                       wrote_downstream=self.writer.wrote_business)
             return
-        except OSError as exc:
-            session.keepalive_failed("ping write failed: %s" % (exc.strerror or exc))
-            return
-        if sent_at is not None:  # None: a business write happened while waiting for the frame boundary
+        if sent_at is not None:  # None: a business write happened meanwhile, or the write failed (reported)
             try:
                 with gevent.Timeout(self.timeout):
-                    session.pong_event.wait()
+                    self.pong_event.wait()
             except gevent.Timeout:
-                session.keepalive_failed("no pong within %gs" % self.timeout)
+                self.failed("no pong within %gs" % self.timeout)
                 return
-            session.trace(STAGE_OK, direction=DIRECTION, graceful=True, wrote_downstream=session.wrote_downstream,
-                          rtt_ms=round((self.clock() - sent_at) * 1000.0, 3))
+            self.trace(STAGE_OK, direction=DIRECTION, graceful=True, wrote_downstream=self.writer.wrote_business,
+                       rtt_ms=round((self.clock() - sent_at) * 1000.0, 3))
         self._round = None
         self._arm()
 
 
 APP_KEEPALIVE_FRAME = b"\x81\x14" + b'{"type":"keepalive"}'
 STAGE_APP = "downstream_app_keepalive"
+
+
+class AppKeepalive:
+    """Text-frame keepalive for clients whose own idle watchdog ignores Pings (Codex's does).
+
+    Only during a turn (``in_turn()``), only after the first business write, only when no *business* frame went
+    down for ``interval``, and only at a message boundary (``at_boundary()``: a text frame inside a fragmented
+    message would break it).  ``turn_changed`` is an Event the session sets when a turn starts or ends.
+    """
+
+    def __init__(self, writer, in_turn, at_boundary, turn_changed, interval, trace, clock=time.monotonic):
+        self.writer = writer
+        self.in_turn = in_turn
+        self.at_boundary = at_boundary
+        self.turn_changed = turn_changed
+        self.interval = interval
+        self.trace = trace
+        self.clock = clock
+        self.sent = 0
+
+    def _allowed(self):
+        return self.in_turn() and self.at_boundary()
+
+    def run(self):
+        writer, turn_changed = self.writer, self.turn_changed
+        writer.first_business_write.wait()
+        last_sent = 0.0
+        while writer.open:
+            turn_changed.clear()
+            if not self.in_turn():
+                turn_changed.wait()
+                continue
+            delay = ping_due_in(self.clock(), max(writer.last_business_write, last_sent), self.interval)
+            if delay > 0:
+                turn_changed.wait(delay)
+                continue
+            if writer.send_if(APP_KEEPALIVE_FRAME, self._allowed):
+                self.sent += 1
+                last_sent = self.clock()
+                self.trace(STAGE_APP, direction=DIRECTION, wrote_downstream=writer.wrote_business)
+            else:
+                gevent.sleep(min(self.interval, 0.05))  # mid-message: try again shortly after it ends
 
 
 def app_keepalive_choice(mode, interval, originator=None, user_agent=None):
@@ -188,43 +213,3 @@ def app_keepalive_choice(mode, interval, originator=None, user_agent=None):
     if (user_agent or "").strip().lower().startswith("codex"):
         return True, "codex_user_agent"
     return False, "not_codex"
-
-
-class AppKeepalive:
-    """Text-frame keepalive for clients whose own idle watchdog ignores Pings (Codex's does).
-
-    Only during a turn, only after the first business write, only when no *business* frame went down for
-    ``interval``, and only at a message boundary (a text frame inside a fragmented message would break it).
-    """
-
-    def __init__(self, session, interval, clock=time.monotonic):
-        self.session = session
-        self.interval = interval
-        self.clock = clock
-        self.sent = 0
-
-    def run(self):
-        session = self.session
-        turn_changed = gevent.event.Event()
-        session.turn_watchers.append(turn_changed)
-        session.first_business_write.wait()
-        last_sent = 0.0
-        while True:
-            turn_changed.clear()
-            if not session.ledger.in_flight:
-                turn_changed.wait()
-                continue
-            delay = ping_due_in(self.clock(), max(session.last_business_write, last_sent), self.interval)
-            if delay > 0:
-                turn_changed.wait(delay)
-                continue
-            try:
-                sent = session.send_app_keepalive(APP_KEEPALIVE_FRAME)
-            except OSError:
-                return None  # the pumps see the broken socket and end the session
-            if sent:
-                self.sent += 1
-                last_sent = self.clock()
-                session.trace(STAGE_APP, direction=DIRECTION, wrote_downstream=session.wrote_downstream)
-            else:
-                gevent.sleep(min(self.interval, 0.05))  # mid-message: try again shortly after it ends

@@ -15,7 +15,7 @@ from .handshake import HandshakeGuard, RelayServer
 from .keepalive import app_keepalive_choice
 from .metrics import Metrics
 from .systemd import Notifier
-from .relay import Session
+from .session import Session
 from .websocket import RelayHandler, error_body, header_tokens, status_line
 
 ROUTES = frozenset(("/v1/responses", "/responses", "/backend-api/codex/responses"))
@@ -28,9 +28,9 @@ class RelayApp:
         self.config = config
         self.tracer = tracer
         self.store = store
-        self.keys = auth.KeyRing(config["auth.keys"])
-        self.tls_context = upstream.tls_context(config["upstream.ca_file"])
-        self.allowed_origins = frozenset(o.rstrip("/") for o in config["server.allowed_origins"])
+        self.keys = auth.KeyRing(config.auth.keys)
+        self.tls_context = upstream.tls_context(config.upstream.ca_file)
+        self.allowed_origins = frozenset(o.rstrip("/") for o in config.server.allowed_origins)
         self.sessions = set()
         self.per_key = collections.Counter()  # sessions (and dials in progress) per key id
         self.connections = 0
@@ -97,11 +97,10 @@ class RelayApp:
         else:
             authorization = client_authorization  # passthrough: the client's own credential goes upstream
         key_id = auth.key_id(token) if token else None
-        ws = "gateway.openai_ws."
-        if self.connections >= self.config["server.max_connections"]:
+        if self.connections >= self.config.server.max_connections:
             return self.refuse(handler, 503, "server_busy", "the relay is at its connection limit (%d)"
-                               % self.config["server.max_connections"], [("Retry-After", "1")])
-        if self.per_key[key_id] >= self.config[ws + "max_ingress_connections_per_api_key"]:
+                               % self.config.server.max_connections, [("Retry-After", "1")])
+        if self.per_key[key_id] >= self.config.gateway.openai_ws.max_ingress_connections_per_api_key:
             return self.refuse(handler, 429, "too_many_connections",
                                "this key already holds %d concurrent sessions" % self.per_key[key_id],
                                [("Retry-After", "1")])
@@ -117,10 +116,10 @@ class RelayApp:
 
     def _relay(self, handler, environ, key_id, authorization):
         try:
-            up = upstream.dial(self.config["upstream.url"], upstream.select_headers(environ),
+            up = upstream.dial(self.config.upstream.url, upstream.select_headers(environ),
                                authorization=authorization,
                                subprotocols=header_tokens(environ.get("HTTP_SEC_WEBSOCKET_PROTOCOL")),
-                               timeout=self.config["upstream.connect_timeout_seconds"],
+                               timeout=self.config.upstream.connect_timeout_seconds,
                                context=self.tls_context)
         except upstream.DialError as exc:
             self.tracer.emit("dial_failed", status=exc.status, code=exc.code, error=exc.message, key_id=key_id)
@@ -137,9 +136,9 @@ class RelayApp:
         if not switched:
             up.sock.close()
             return
-        ws = "gateway.openai_ws."
-        app_keepalive = app_keepalive_choice(self.config[ws + "passthrough_downstream_app_keepalive_mode"],
-                                             self.config[ws + "passthrough_downstream_app_keepalive_interval_seconds"],
+        ws = self.config.gateway.openai_ws
+        app_keepalive = app_keepalive_choice(ws.passthrough_downstream_app_keepalive_mode,
+                                             ws.passthrough_downstream_app_keepalive_interval_seconds,
                                              environ.get("HTTP_ORIGINATOR"), environ.get("HTTP_USER_AGENT"))
         sock, initial = handler.take_over()
         session = Session(sock, up.sock, self.config, self.tracer, self.store, key_id=key_id, initial=initial,
@@ -155,10 +154,10 @@ class RelayApp:
 
     def reconfigure(self, config):
         """Take a reloaded configuration: keys, limits, origins and timers apply to sessions from now on."""
-        self.keys = auth.KeyRing(config["auth.keys"])
-        if config["upstream.ca_file"] != self.config["upstream.ca_file"]:
-            self.tls_context = upstream.tls_context(config["upstream.ca_file"])
-        self.allowed_origins = frozenset(o.rstrip("/") for o in config["server.allowed_origins"])
+        self.keys = auth.KeyRing(config.auth.keys)
+        if config.upstream.ca_file != self.config.upstream.ca_file:
+            self.tls_context = upstream.tls_context(config.upstream.ca_file)
+        self.allowed_origins = frozenset(o.rstrip("/") for o in config.server.allowed_origins)
         self.config = config
 
     def shutdown(self, force=False):
@@ -211,13 +210,13 @@ def _client(handler):
 def make_server(config, tracer, store=None, listener=None):
     """A ready (not yet started) server; ``listener`` overrides ``server.host``/``server.port``."""
     app = RelayApp(config, tracer, store)
-    address = listener or (config["server.host"], config["server.port"])
+    address = listener or (config.server.host, config.server.port)
     tls = {}
-    if config["server.tls_cert"]:
+    if config.server.tls_cert:
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        context.load_cert_chain(config["server.tls_cert"], config["server.tls_key"])
+        context.load_cert_chain(config.server.tls_cert, config.server.tls_key)
         tls = {"ssl_context": context}
-    server = RelayServer(address, app, handler_class=RelayHandler, log=None, backlog=config["server.backlog"], **tls)
+    server = RelayServer(address, app, handler_class=RelayHandler, log=None, backlog=config.server.backlog, **tls)
     server.app = app
     server.client_error_log = lambda handler, status, error: tracer.emit(
         "handshake_refused", status=status, code="unparsable_request", error=error[:200], client=_client(handler))
@@ -235,16 +234,16 @@ def end_sessions(app, config, tracer, grace=None):
     """Live turns run to their end for up to ``grace`` (default ``server.shutdown_grace_seconds``), each client
     being closed with 1001 as its turn ends; then the rest are closed and their in-flight turns drained, so
     they are billed.  Returns once every session has ended (bounded by connect + drain + close time)."""
-    grace = config["server.shutdown_grace_seconds"] if grace is None else grace
+    grace = config.server.shutdown_grace_seconds if grace is None else grace
     tracer.emit("server_stopping", sessions=len(app.sessions), grace_s=grace)
     app.shutdown()
     _wait_until(lambda: not app.connections, grace)
     if app.connections:
         tracer.emit("server_shutdown_forced", sessions=len(app.sessions))
         app.shutdown(force=True)
-    ws = "gateway.openai_ws."
-    settle = (config["upstream.connect_timeout_seconds"] + config[ws + "upstream_drain_timeout_seconds"]
-              + 2 * config[ws + "close_timeout_seconds"] + 1)
+    ws = config.gateway.openai_ws
+    settle = (config.upstream.connect_timeout_seconds + ws.upstream_drain_timeout_seconds
+              + 2 * ws.close_timeout_seconds + 1)
     # Forced sessions drain their upstreams (their turns are billed): wait for them, dials in progress included.
     if not _wait_until(lambda: not app.connections, settle):
         tracer.emit("server_stop_abandoned", sessions=len(app.sessions))
@@ -266,16 +265,16 @@ def serve(config, tracer, store, reload=None):
     server = make_server(config, tracer, store)
     server.start()
     side = None
-    if config["server.metrics_listen"]:
-        host, _, port = config["server.metrics_listen"].rpartition(":")
+    if config.server.metrics_listen:
+        host, _, port = config.server.metrics_listen.rpartition(":")
         side = RelayServer((host.strip("[]"), int(port)), _ops_only(server.app), handler_class=RelayHandler,
                            log=None)
         side.start()
         tracer.emit("metrics_listening", host=host, port=side.server_port)
     host, port = server.address[:2]
-    tracer.emit("server_listening", host=host, port=port, upstream=config["upstream.url"],
+    tracer.emit("server_listening", host=host, port=port, upstream=config.upstream.url,
                 auth="keys" if server.app.keys.enabled else "passthrough",
-                tls=bool(config["server.tls_cert"]))
+                tls=bool(config.server.tls_cert))
     app = server.app
     notifier = Notifier(lambda: "%d live sessions, %s" % (len(app.sessions), "accepting" if app.accepting
                                                            else "stopping"))

@@ -21,8 +21,8 @@ def create_app(path=None):
     """A :class:`RelayApp` for the file at ``path`` (or ``$WSRELAY_CONFIG``); its usage store is not started
     yet (a forking server starts it in each worker: see :mod:`wsrelay.gunicorn`)."""
     config = config_mod.load(path or os.environ.get("WSRELAY_CONFIG") or None)
-    tracer = Tracer(path=config["trace.path"])
-    store = UsageStore(config["usage.sqlite_path"], config.usage_fallback_path, trace=tracer)
+    tracer = Tracer(path=config.trace.path)
+    store = UsageStore(config.usage.sqlite_path, config.usage_fallback_path, trace=tracer)
     return RelayApp(config, tracer, store)
 
 

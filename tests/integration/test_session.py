@@ -10,8 +10,8 @@ from tests.conftest import FAST
 from wsrelay import config as config_mod
 from wsrelay.fake_upstream import FrameSocket
 from wsrelay.frames import OP_PING, OP_TEXT
-from wsrelay.relay import Session
-from wsrelay.splice import Exit
+from wsrelay.session import Session
+from wsrelay.exits import Exit
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -71,7 +71,7 @@ def test_first_exit_is_a_value_naming_side_direction_and_grace(tracer, store):
 def test_a_ping_failing_after_the_session_ended_is_not_reported(tracer, store):
     session, client, upstream = make_session(tracer, store)
     client.sock.close()
-    exit_ = session._report(Exit("client_eof", "client_to_upstream", "client", True))
+    exit_ = session.report(Exit("client_eof", "client_to_upstream", "client", True))
     assert session.keepalive_failed("ping write failed") is None
     assert tracer.find("downstream_ping_failed") == []
-    assert session._exit is exit_
+    assert session.exit is exit_

@@ -1,0 +1,312 @@
+"""One client connection and its upstream: two frame streams, one pump loop per direction, one downstream writer.
+
+The session is composed, not layered: a :class:`~wsrelay.framestream.FrameStream` per direction decides every
+frame's fate (sans I/O), :func:`Session._pump` is the one loop both directions run (read, feed, act), the
+:class:`~wsrelay.writer.DownstreamWriter` is the only writer to the client, :class:`~wsrelay.usage.TurnLedger` bills
+the responses, the keepalives (:mod:`wsrelay.keepalive`) keep a silent turn's client connection open, the
+:class:`~wsrelay.timers.SessionTimer` ends sessions that go quiet, and :mod:`wsrelay.closing` settles both sides
+once the first one ended.  How a side ended is an :class:`~wsrelay.exits.Exit` value; the first one reported wins.
+"""
+
+import socket
+import time
+import uuid
+
+import gevent
+from gevent.event import Event
+
+from . import closing, frames, usage
+from .exits import CLIENT_TO_UPSTREAM, KEEPALIVE, UPSTREAM_TO_CLIENT, Exit
+from .framestream import (CloseArrived, FrameStream, Forward, LedgerEvent, PingArrived, PongArrived, TurnStarted,
+                          Violation)
+from .frames import OP_PONG
+from .keepalive import STAGE_FAILED, AppKeepalive, Keepalive
+from .timers import SessionTimer
+from .writer import PING, DownstreamWriter, describe, send_all
+
+_READ_DIRECTION = {"client": CLIENT_TO_UPSTREAM, "upstream": UPSTREAM_TO_CLIENT}
+
+
+class Session:
+    """One client connection and its upstream.  ``run()`` blocks (in the connection's greenlet) until both end.
+
+    ``initial``/``up_initial`` are bytes read along with the client's handshake and the upstream's 101;
+    ``app_keepalive`` is ``(on, why)`` from :func:`wsrelay.keepalive.app_keepalive_choice`.
+    """
+
+    def __init__(self, down_sock, up_sock, config, tracer, store=None, key_id=None, initial=b"",
+                 session_id=None, ping_supported=True, up_initial=b"", app_keepalive=(False, "not_codex")):
+        self.id = session_id or uuid.uuid4().hex[:12]
+        self.down_sock = down_sock
+        self.up_sock = up_sock
+        self.tracer = tracer
+        self.store = store
+        self.key_id = key_id
+        self.settings = ws = config.gateway.openai_ws
+        self.app_keepalive, self.app_keepalive_why = app_keepalive
+        # Reads wait without a timer (a gevent socket with a timeout arms one per blocking read); writes are bounded
+        # by write_timeout_seconds in send_all.
+        down_sock.settimeout(None)
+        up_sock.settimeout(None)
+        self.down = FrameStream(True, read_limit=ws.client_read_limit_bytes, initial=initial)
+        self.up = FrameStream(False, max_event_bytes=config.usage.max_event_bytes, initial=up_initial)
+        self.writer = DownstreamWriter(down_sock, ws.write_timeout_seconds, self._write_failed, ping_supported)
+        self.ledger = usage.TurnLedger(self.id, key_id)
+        self.timer = SessionTimer(self)
+        self.pong_event = Event()
+        self.turn_changed = Event()  # set when a turn starts or ends (the app keepalive waits on it)
+        self.upstream_open = True
+        self.up_mid_frame = False  # a client frame is half forwarded to the upstream
+        self.draining = False
+        self.drain_done = Event()
+        self.shutting_down = False
+        self.started = self.last_upstream_read = time.monotonic()
+        self.turns_started = 0
+        self.turn_ended_at = None
+        self.bytes_to_upstream = 0
+        self.exit = None
+        self.exit_event = Event()
+        self.lingering = []  # greenlets reading what a peer still sends after the relay's own close
+
+    # What the metrics read.
+    @property
+    def frames_to_upstream(self):
+        return self.down.frames
+
+    @property
+    def frames_to_client(self):
+        return self.up.frames
+
+    @property
+    def bytes_to_client(self):
+        return self.writer.bytes
+
+    @property
+    def wrote_downstream(self):
+        return self.writer.wrote_business
+
+    def run(self):
+        ws = self.settings
+        self.trace("relay_start", key_id=self.key_id, ping_interval=ws.passthrough_downstream_ping_interval_seconds,
+                   app_keepalive=self.app_keepalive, app_keepalive_why=self.app_keepalive_why)
+        up = gevent.spawn(self._pump, "upstream")
+        down = gevent.spawn(self._pump, "client")
+        helpers = []
+        self.timer.arm()
+        keepalive = None
+        if ws.passthrough_downstream_ping_interval_seconds > 0:
+            keepalive = Keepalive(self.writer, self._expect_pong, self.pong_event,
+                                  ws.passthrough_downstream_ping_interval_seconds,
+                                  ws.passthrough_downstream_ping_timeout_seconds, self.trace, self.keepalive_failed)
+            keepalive.start()
+        if self.app_keepalive:
+            app = AppKeepalive(self.writer, lambda: self.ledger.in_flight, lambda: not self.up.in_message,
+                               self.turn_changed, ws.passthrough_downstream_app_keepalive_interval_seconds,
+                               self.trace)
+            helpers.append(gevent.spawn(app.run))
+        first = None
+        try:
+            self.exit_event.wait()
+            first = self.exit
+            self.trace("first_exit", cause=first.stage, direction=first.direction, side=first.side,
+                       graceful=first.graceful, wrote_downstream=self.wrote_downstream, error=first.error,
+                       close_code=first.close_code, turn_in_flight=self.ledger.in_flight)
+            if keepalive is not None:
+                keepalive.stop()
+            gevent.killall([g for g in helpers if g is not gevent.getcurrent()])
+            if first.side == "client":
+                closing.settle_client_exit(self, first, up, down)
+            else:
+                closing.settle_upstream_exit(self, first, up, down)
+        finally:
+            self.timer.disarm()
+            if keepalive is not None:
+                keepalive.stop()
+            gevent.killall([up, down] + helpers + self.lingering)
+            for sock in (self.down_sock, self.up_sock):
+                _close(sock)
+            if self.ledger.in_flight:
+                self.record(self.ledger.abandon(usage.RELAY_SESSION_CLOSED, not self.writer.open))
+            self.record(self.ledger.close())
+            self.trace("relay_complete", cause=first.stage if first else "error",
+                       graceful=first.graceful if first else False, wrote_downstream=self.wrote_downstream,
+                       duration_ms=int((time.monotonic() - self.started) * 1000), turns=self.turns_started,
+                       bytes_to_upstream=self.bytes_to_upstream, bytes_to_client=self.bytes_to_client)
+        return first
+
+    # -- the pump: one loop for both directions ------------------------------------------------------------------
+
+    def _pump(self, side):
+        """Read ``side``, feed its frame stream, act on what it says; returns how the side ended."""
+        client = side == "client"
+        sock, stream = (self.down_sock, self.down) if client else (self.up_sock, self.up)
+        act = self._on_client_frames if client else self._on_upstream_frames
+        try:
+            actions = stream.received(0)  # bytes read along with the handshake come first
+            while True:
+                if actions:
+                    ended = act(actions)
+                    if ended is not None:
+                        return ended
+                try:
+                    n = sock.recv_into(stream.buffer())
+                except socket.timeout:
+                    actions = None  # only while a write on this socket carries the write timeout: read on
+                    continue
+                except OSError as exc:
+                    return self.report(Exit(side + "_reset", _READ_DIRECTION[side], side, client,
+                                            error=describe(exc)))
+                if not n:
+                    return self.report(Exit(side + "_eof", _READ_DIRECTION[side], side, client,
+                                            error="%s closed the connection without a close frame" % side))
+                if not client:
+                    self.last_upstream_read = time.monotonic()
+                actions = stream.received(n)
+        finally:
+            if not client:
+                self.drain_done.set()
+
+    def _on_client_frames(self, actions):
+        for action in actions:
+            kind = action.__class__
+            if kind is Forward:
+                if not self.send_up(action.data, action.mid_frame):
+                    return self.exit
+            elif kind is TurnStarted:
+                # A turn starts once its whole request has reached the upstream: a request cut short starts none.
+                self.turns_started += 1
+                self.record(self.ledger.start_turn(action.model))
+                self._turn_changed()
+                self.trace("turn_start", direction=CLIENT_TO_UPSTREAM, model=action.model)
+            elif kind is PongArrived:
+                self.pong_event.set()
+            elif kind is CloseArrived:
+                # Mid-turn the close is held: forwarding it could end the turn upstream before it is billed.
+                forward = not self.ledger.in_flight
+                if forward:
+                    self.send_up(action.frame)
+                return self.report(Exit("client_close", CLIENT_TO_UPSTREAM, "client", True, close_code=action.code,
+                                        close_reason=action.reason, close_forwarded=forward))
+            elif kind is Violation:
+                self.down_pending = action.pending
+                stage = ("client_message_too_big" if action.code == frames.CLOSE_MESSAGE_TOO_BIG
+                         else "client_protocol_error")
+                return self.report(Exit(stage, CLIENT_TO_UPSTREAM, "client", False, error=action.reason,
+                                        close_code=action.code, close_reason=action.reason))
+        return None
+
+    def _on_upstream_frames(self, actions):
+        for action in actions:
+            kind = action.__class__
+            if kind is Forward:
+                self.writer.forward(action.data, action.mid_frame, action.business)
+            elif kind is LedgerEvent:
+                self._on_ledger_event(action.payload)
+            elif kind is PingArrived:
+                if not self.writer.open:
+                    # Nobody downstream answers now; answer for the client so the drain is not cut short.
+                    self.send_up(frames.build_frame(OP_PONG, action.payload, mask=True))
+            elif kind is CloseArrived:
+                forwarded = self.writer.open
+                self.writer.forward(action.frame, False, False)
+                return self.report(Exit("upstream_close", UPSTREAM_TO_CLIENT, "upstream", True,
+                                        close_code=action.code, close_reason=action.reason,
+                                        close_forwarded=forwarded))
+            elif kind is Violation:
+                self.up_pending = action.pending
+                return self.report(Exit("upstream_protocol_error", UPSTREAM_TO_CLIENT, "upstream", False,
+                                        error=action.reason, close_code=action.code))
+        if self.draining and not self.ledger.in_flight:
+            self.drain_done.set()
+        return None
+
+    def _on_ledger_event(self, payload):
+        event = usage.parse_event(payload)
+        if event is None:
+            return
+        in_flight = self.ledger.in_flight
+        self.record(self.ledger.on_event(event, client_disconnected=not self.writer.open))
+        if in_flight and not self.ledger.in_flight:
+            self.turn_ended_at = time.monotonic()
+            self._turn_changed()
+            if self.shutting_down:
+                self.shutdown()
+
+    # -- what the parts share ----------------------------------------------------------------------------------
+
+    down_pending = b""  # bytes from a bad client frame on (where a lingering close starts walking)
+    up_pending = b""
+
+    def trace(self, stage, **fields):
+        self.tracer.emit(stage, session=self.id, **fields)
+
+    def report(self, exit_):
+        """Record how a side ended (the first report wins) and stop using a connection that is broken."""
+        if self.exit is None:
+            self.exit = exit_
+            self.exit_event.set()
+        if exit_.side == "client":
+            self.writer.close()
+        elif exit_.stage != "upstream_close":
+            self.upstream_open = False  # after a close frame the upstream still expects our close in reply
+        return exit_
+
+    def record(self, records):
+        for record in records:
+            self.trace("usage_recorded", response_id=record.response_id, model=record.model,
+                       terminal_event=record.terminal_event, input_tokens=record.input_tokens,
+                       output_tokens=record.output_tokens, total_tokens=record.total_tokens,
+                       client_disconnected=record.client_disconnected)
+            if self.store is not None:
+                self.store.put(record)
+
+    def send_up(self, data, mid_frame=False):
+        """Write to the upstream; False (and the upstream reported gone) when it cannot be written."""
+        if not self.upstream_open:
+            return True
+        try:
+            send_all(self.up_sock, data, self.settings.write_timeout_seconds)
+        except (OSError, socket.timeout) as exc:
+            self.report(Exit("upstream_write_failed", CLIENT_TO_UPSTREAM, "upstream", False, error=describe(exc)))
+            return False
+        self.bytes_to_upstream += len(data)
+        self.up_mid_frame = mid_frame
+        return True
+
+    def _write_failed(self, what, exc):
+        # The writer's one way to report: a failed Ping is the keepalive's news, any other write the client's end.
+        if what == PING:
+            self.keepalive_failed("ping write failed: %s" % describe(exc))
+        else:
+            direction = UPSTREAM_TO_CLIENT if what == "forward" else KEEPALIVE
+            self.report(Exit("client_write_failed", direction, "client", True, error=describe(exc)))
+
+    def keepalive_failed(self, error):
+        if self.exit is not None:
+            return None  # the session already ended another way; the failed Ping is not news
+        self.trace(STAGE_FAILED, direction=KEEPALIVE, graceful=True, wrote_downstream=self.wrote_downstream,
+                   error=error)
+        return self.report(Exit("downstream_ping_failed", KEEPALIVE, "client", True, error=error))
+
+    def _expect_pong(self, payload):
+        self.pong_event.clear()
+        self.down.expected_pong = payload
+
+    def _turn_changed(self):
+        self.timer.arm()
+        self.turn_changed.set()
+
+    def shutdown(self, force=False):
+        """The server is stopping: close the client with 1001 now if no turn is in flight (or ``force``),
+        else as soon as the turn's terminal event has been forwarded."""
+        self.shutting_down = True
+        if force or not self.ledger.in_flight:
+            self.report(Exit("server_shutdown", CLIENT_TO_UPSTREAM, "client", True,
+                             close_code=frames.CLOSE_GOING_AWAY, close_reason="server shutting down"))
+
+
+def _close(sock):
+    try:
+        sock.close()
+    except OSError:
+        pass
