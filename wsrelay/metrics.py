@@ -8,7 +8,9 @@ time.  Served as ``GET /metrics`` (and on ``server.metrics_listen`` when set).
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-TOKEN_KINDS = ("input_tokens", "output_tokens", "cached_tokens", "reasoning_tokens", "image_tokens")
+from .usage import TOKEN_FIELDS
+
+TOKEN_KINDS = tuple(name for name in TOKEN_FIELDS if name != "total_tokens")  # total is their sum
 DIRECTIONS = ("client_to_upstream", "upstream_to_client")
 
 

@@ -6,12 +6,11 @@ import io
 import json
 import time
 
-FIELDS = ("response_id", "model", "key_id", "input_tokens", "output_tokens", "total_tokens", "cached_tokens",
-          "reasoning_tokens", "image_tokens", "terminal_event", "client_disconnected", "started_at", "duration_ms")
-TOKEN_FIELDS = ("input_tokens", "output_tokens", "total_tokens", "cached_tokens", "reasoning_tokens",
-                "image_tokens")
+from .usage import FIELD_TYPES, TOKEN_FIELDS
+from .usage import REPORT_FIELDS as FIELDS
+
 FORMATS = ("table", "json", "csv")
-_INT_FIELDS = frozenset(TOKEN_FIELDS + ("duration_ms",))
+_INT_FIELDS = frozenset(name for name in FIELDS if FIELD_TYPES[name] is int)
 
 
 def iso_utc(epoch):
@@ -37,11 +36,12 @@ def _normalise(record):
     out = {}
     for name in FIELDS:
         value = record.get(name)
-        if name in _INT_FIELDS:
+        kind = FIELD_TYPES[name]
+        if kind is int:
             value = _as_int(value)
-        elif name == "client_disconnected":
+        elif kind is bool:
             value = bool(value)
-        elif name == "started_at":
+        elif kind is float:  # a time: started_at
             value = iso_utc(value)
         out[name] = value
     return out

@@ -253,10 +253,7 @@ class Session:
 
     def record(self, records):
         for record in records:
-            self.trace("usage_recorded", response_id=record.response_id, model=record.model,
-                       terminal_event=record.terminal_event, input_tokens=record.input_tokens,
-                       output_tokens=record.output_tokens, total_tokens=record.total_tokens,
-                       client_disconnected=record.client_disconnected)
+            self.trace("usage_recorded", **{name: getattr(record, name) for name in usage.REPORT_FIELDS})
             if self.store is not None:
                 self.store.put(record)
 

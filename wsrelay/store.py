@@ -17,42 +17,42 @@ import gevent.queue
 from gevent.monkey import get_original
 from gevent.threadpool import ThreadPool
 
+from wsrelay import usage
 from wsrelay.usage import UsageRecord
 
 # The pool thread must be told apart from others by its real identity, even when threading is monkey-patched.
 _native_ident = get_original("_thread", "get_ident")
 
-COLUMNS = ("record_id", "session_id", "response_id", "model", "key_id", "input_tokens", "output_tokens",
-           "total_tokens", "cached_tokens", "reasoning_tokens", "image_tokens", "terminal_event",
-           "client_disconnected", "started_at", "duration_ms")
+COLUMNS = usage.RECORD_FIELDS
+_BOOL_COLUMNS = frozenset(name for name, kind in usage.FIELD_TYPES.items() if kind is bool)
+
+
+def _column_type(name):
+    """The SQLite type of a record field: text (nullable where the record allows None), counts and flags as
+    integers, times as reals."""
+    kind = usage.FIELD_TYPES[name]
+    if name == "record_id":
+        return "TEXT PRIMARY KEY"
+    if kind is str:
+        return "TEXT" if name in usage.NULLABLE_FIELDS else "TEXT NOT NULL"
+    if kind is float:
+        return "REAL NOT NULL"
+    return "INTEGER NOT NULL DEFAULT 0"
+
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS usage (
-    record_id TEXT PRIMARY KEY,
-    session_id TEXT NOT NULL,
-    response_id TEXT,
-    model TEXT,
-    key_id TEXT,
-    input_tokens INTEGER NOT NULL DEFAULT 0,
-    output_tokens INTEGER NOT NULL DEFAULT 0,
-    total_tokens INTEGER NOT NULL DEFAULT 0,
-    cached_tokens INTEGER NOT NULL DEFAULT 0,
-    reasoning_tokens INTEGER NOT NULL DEFAULT 0,
-    image_tokens INTEGER NOT NULL DEFAULT 0,
-    terminal_event TEXT NOT NULL,
-    client_disconnected INTEGER NOT NULL DEFAULT 0,
-    started_at REAL NOT NULL,
-    duration_ms INTEGER NOT NULL DEFAULT 0
+%s
 );
 CREATE INDEX IF NOT EXISTS usage_started_at ON usage (started_at);
-"""
+""" % ",\n".join("    %s %s" % (name, _column_type(name)) for name in COLUMNS)
 _INSERT = "INSERT OR IGNORE INTO usage (%s) VALUES (%s)" % (", ".join(COLUMNS), ", ".join("?" * len(COLUMNS)))
 _STOP = object()
 _STORE_ERRORS = (sqlite3.Error, OSError)
 
 
 def _row(d):
-    return tuple(int(d[c]) if c == "client_disconnected" else d[c] for c in COLUMNS)
+    return tuple(int(d[c]) if c in _BOOL_COLUMNS else d[c] for c in COLUMNS)
 
 
 def _capture(fn, args):
@@ -398,7 +398,8 @@ class UsageStore:
                 args = (float(since),)
             for values in conn.execute(sql, args):
                 d = dict(zip(COLUMNS, values))
-                d["client_disconnected"] = bool(d["client_disconnected"])
+                for name in _BOOL_COLUMNS:
+                    d[name] = bool(d[name])
                 rows[d["record_id"]] = d
         pending, _ = self._read_fallback()
         for d in pending:

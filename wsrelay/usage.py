@@ -144,10 +144,6 @@ def extract_usage(event):
     }
 
 
-_TOKEN_FIELDS = ("input_tokens", "output_tokens", "total_tokens", "cached_tokens", "reasoning_tokens",
-                 "image_tokens")
-
-
 def _new_id():
     return uuid.uuid4().hex
 
@@ -176,25 +172,35 @@ class UsageRecord:
     @classmethod
     def from_dict(cls, d):
         """Rebuild a record, coercing types so a hand-edited or older fallback line still imports."""
-        known = {f.name for f in fields(cls)}
-        data = {k: v for k, v in dict(d).items() if k in known}
-        for name in _TOKEN_FIELDS + ("duration_ms",):
-            if name in data:
-                data[name] = _count(data[name])
-        for name in ("response_id", "model", "key_id"):
-            if data.get(name) is not None:
-                data[name] = str(data[name])
-        if not data.get("record_id"):
-            data["record_id"] = _new_id()
-        data["record_id"] = str(data["record_id"])
-        data["session_id"] = str(data.get("session_id") or "")
-        data["terminal_event"] = str(data.get("terminal_event") or "")
-        data["client_disconnected"] = bool(data.get("client_disconnected", False))
-        try:
-            data["started_at"] = float(data.get("started_at") or 0.0)
-        except (TypeError, ValueError):
-            data["started_at"] = 0.0
-        return cls(**data)
+        data = dict(d)
+        values = {}
+        for f in fields(cls):
+            value = data.get(f.name)
+            if f.type is int:
+                values[f.name] = _count(value)
+            elif f.type is bool:
+                values[f.name] = bool(value)
+            elif f.type is float:
+                try:
+                    values[f.name] = float(value or 0.0)
+                except (TypeError, ValueError):
+                    values[f.name] = 0.0
+            elif f.default is None:
+                values[f.name] = None if value is None else str(value)
+            else:
+                values[f.name] = str(value or "")
+        values["record_id"] = values["record_id"] or _new_id()
+        return cls(**values)
+
+
+# The record's fields are declared once, above: the store's table, the fallback file, the usage report, the
+# usage_recorded trace line and the token metrics all derive from them.
+FIELD_TYPES = {f.name: f.type for f in fields(UsageRecord)}
+RECORD_FIELDS = tuple(FIELD_TYPES)
+NULLABLE_FIELDS = frozenset(f.name for f in fields(UsageRecord) if f.default is None)
+TOKEN_FIELDS = tuple(name for name in RECORD_FIELDS if name.endswith("_tokens"))
+# What a person reads of a record (``wsrelay usage``, the trace): all but the relay's own identifiers.
+REPORT_FIELDS = tuple(name for name in RECORD_FIELDS if name not in ("record_id", "session_id"))
 
 
 class _Turn:

@@ -54,6 +54,9 @@ def test_metrics_count_handshakes_pings_turns_tokens_and_bytes(fake, relay, trac
     assert samples[("wsrelay_turns_total", (("terminal_event", "response.completed"),))] == 1
     assert samples[("wsrelay_usage_tokens_total", (("kind", "input_tokens"), ("model", "gpt-test")))] == 120
     assert samples[("wsrelay_usage_tokens_total", (("kind", "output_tokens"), ("model", "gpt-test")))] == 30
+    # (the trace line carries every token field of the record, so these count too)
+    assert samples[("wsrelay_usage_tokens_total", (("kind", "cached_tokens"), ("model", "gpt-test")))] == 20
+    assert samples[("wsrelay_usage_tokens_total", (("kind", "reasoning_tokens"), ("model", "gpt-test")))] == 10
     assert samples[("wsrelay_upstream_dial_seconds_count", ())] == 1
     assert samples[("wsrelay_session_exits_total", (("cause", "client_close"), ("side", "client")))] == 1
     assert samples[("wsrelay_relayed_frames_total", (("direction", "upstream_to_client"),))] >= 8
