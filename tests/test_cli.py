@@ -10,7 +10,7 @@ import sys
 import pytest
 import websocket
 
-from tests.conftest import REPO, free_port
+from tests.helpers import REPO, free_port
 from wsrelay import config
 from wsrelay.auth import KeyRing
 from wsrelay.report import FIELDS

@@ -9,6 +9,7 @@ import gevent.event
 import pytest
 from gevent.monkey import get_original
 
+from tests.helpers import wait_until
 from wsrelay.store import UsageStore
 from wsrelay.trace import NullTracer
 from wsrelay.usage import UsageRecord
@@ -102,13 +103,6 @@ def exclusive_lock(db_path):
     finally:
         conn.execute("ROLLBACK")
         conn.close()
-
-
-def wait_until(predicate, timeout=5.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in %ss" % timeout
-        gevent.sleep(0.005)
 
 
 def test_records_written_are_queried_back_in_start_order(make_store, paths):

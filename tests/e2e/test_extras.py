@@ -24,7 +24,7 @@ import urllib.request
 
 import pytest
 
-from tests.conftest import REPO, free_port
+from tests.helpers import REPO, free_port
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -7,9 +7,8 @@ nginx closes a proxied WebSocket when the relay side has been silent for ``proxy
 import gevent
 import pytest
 
-from tests.conftest import connect
+from tests.helpers import CREATE, INTERVAL, PING_TIMEOUT, connect
 from tests.e2e.nginx import NGINX_MISSING_MESSAGE, NginxProxy, nginx_binary
-from tests.peers import CREATE, INTERVAL, PING_TIMEOUT
 from wsrelay.fake_upstream import ConnectionClosed
 from wsrelay.frames import OP_PING, OP_PONG, OP_TEXT
 

@@ -4,11 +4,10 @@ default only clients that identify as Codex get it."""
 import json
 import time
 
-import gevent
 import pytest
 
-from tests.conftest import connect
-from tests.peers import APP_KEEPALIVE_INTERVAL, APP_KEEPALIVE_MODE, CREATE, INTERVAL, PING_TIMEOUT
+from tests.helpers import (APP_KEEPALIVE_INTERVAL, APP_KEEPALIVE_MODE, CREATE, INTERVAL, PING_TIMEOUT, connect,
+                           stays_false)
 from wsrelay.frames import OP_PING, OP_PONG, OP_TEXT
 
 pytestmark = pytest.mark.timeout(30)
@@ -92,8 +91,8 @@ def test_text_keepalive_is_never_sent_outside_a_turn_or_before_the_first_write(s
     up = upstream.next()
     client.send(OP_TEXT, CREATE)
     up.read_message()
-    gevent.sleep(0.35)  # a turn is in flight but nothing was written downstream yet
-    assert tracer.find("downstream_app_keepalive") == []
+    # A turn is in flight but nothing was written downstream yet: no keepalive.
+    assert stays_false(lambda: tracer.find("downstream_app_keepalive"), 0.35)
     up.send_json({"type": "response.created", "response": {"id": "r1"}})
     up.send_json({"type": "response.completed", "response": {"id": "r1"}})
     client.sock.settimeout(5)
@@ -113,7 +112,8 @@ def test_text_keepalive_waits_for_the_end_of_a_fragmented_message(scripted, rela
     client.send(OP_TEXT, CREATE)
     up.read_message()
     up.send(OP_TEXT, b'{"type":"response.output_text.delta","delta":"', fin=False)
-    gevent.sleep(0.4)  # silent mid-message: a keepalive now would corrupt the message
+    # Silent mid-message for four intervals: a keepalive now would corrupt the message.
+    assert stays_false(lambda: tracer.find("downstream_app_keepalive"), 0.4)
     up.send(0, b'x"}', fin=True)
     client.sock.settimeout(5)
     frames_seen = [client.read_frame() for _ in range(3)]

@@ -8,21 +8,13 @@ import time
 import gevent
 import pytest
 
-from tests.conftest import connect
-from tests.peers import (DRAIN_TIMEOUT, FAKE_USAGE, HEAD_EVENTS, exit_fields, read_close, read_events, send_create,
-                         tokens)
+from tests.helpers import (DRAIN_TIMEOUT, FAKE_USAGE, HEAD_EVENTS, connect, exit_fields, read_close, read_events,
+                           send_create, tokens, wait_until)
 from wsrelay import frames
 from wsrelay.fake_upstream import ConnectionClosed
 from wsrelay.frames import OP_CLOSE, OP_CONTINUATION, OP_PING, OP_PONG, OP_TEXT
 
 pytestmark = pytest.mark.timeout(60)
-
-
-def wait_until(predicate, timeout=5.0, what="condition"):
-    """Poll a condition that has no event of its own (state kept by the fake upstream's greenlet)."""
-    with gevent.Timeout(timeout, AssertionError("%s not met within %ss" % (what, timeout))):
-        while not predicate():
-            gevent.sleep(0.01)
 
 
 def assert_order(tracer, *stages):

@@ -15,11 +15,10 @@ import time
 import gevent
 import pytest
 
-from tests.conftest import FAST, REPO, connect, free_port, read_response, ws_key
+from tests.helpers import (DRAIN_TIMEOUT, FAKE_USAGE, FAST, FIRST_MESSAGE_TIMEOUT, HEAD_EVENTS, INTERVAL, MiB,
+                           PING_TIMEOUT, READ_LIMIT, REPO, WRITE_TIMEOUT, connect, first_exit, free_port, port_of,
+                           read_close, read_events, read_response, send_create, tokens, ws_key)
 from tests.faultproxy import FaultProxy
-from tests.peers import (DRAIN_TIMEOUT, FAKE_USAGE, FIRST_MESSAGE_TIMEOUT, HEAD_EVENTS, INTERVAL, PING_TIMEOUT,
-                         READ_LIMIT, WRITE_TIMEOUT, MiB, first_exit, port_of, read_close, read_events, send_create,
-                         tokens)
 from wsrelay import config as config_mod
 from wsrelay import frames, server
 from wsrelay.fake_upstream import ConnectionClosed

@@ -12,8 +12,8 @@ import urllib.request
 import gevent
 import pytest
 
-from tests.conftest import REPO, connect, free_port, raw_request, read_response
-from tests.peers import CREATE, port_of, read_close, read_until_marker
+from tests.helpers import (CREATE, REPO, connect, free_port, port_of, raw_request, read_close, read_response,
+                           read_until_marker)
 from wsrelay.frames import OP_PING, OP_PONG, OP_TEXT
 from wsrelay.store import UsageStore
 

@@ -18,8 +18,7 @@ from gevent.pywsgi import WSGIServer
 from geventwebsocket.handler import WebSocketHandler
 from websocket import _cookiejar, _handshake
 
-from tests.conftest import connect, free_port, raw_request, read_response, ws_key
-from tests.peers import CREATE, port_of
+from tests.helpers import CREATE, connect, free_port, port_of, raw_request, read_response, ws_key
 from wsrelay import auth, frames, trace
 from wsrelay.fake_upstream import ConnectionClosed
 from wsrelay.frames import OP_TEXT

@@ -12,8 +12,8 @@ import gevent.event
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import connect, free_port, raw_request, read_response
-from tests.peers import CREATE, port_of, read_until_marker
+from tests.helpers import (CREATE, connect, free_port, port_of, raw_request, read_response, read_until_marker,
+                           stays_false, wait_until)
 from wsrelay.frames import OP_TEXT
 from wsrelay.trace import parse_line
 
@@ -64,12 +64,6 @@ def assert_json_error(status, headers, body, expected, code):
     assert headers["content-type"] == "application/json" and int(headers["content-length"]) == len(body), headers
     error = json.loads(body)["error"]
     assert error["code"] == code and error["message"] and error["type"], error
-
-
-def wait_until(condition, timeout, what):
-    with gevent.Timeout(timeout, AssertionError("not within %ss: %s" % (timeout, what))):
-        while not condition():
-            gevent.sleep(0.01)
 
 
 def scrape(url):
@@ -245,7 +239,8 @@ def test_accept_out_of_descriptors_pauses_with_one_trace_line_and_serves_again_o
 
     wait_until(lambda: lines("accept_failed"), 10, "an accept_failed trace line")
     cpu = _cpu_seconds(served.proc.pid)
-    gevent.sleep(2)  # a stretch of the burst: the relay must neither log nor spin through it
+    # A stretch of the burst: the relay must neither log again nor spin through it.
+    assert stays_false(lambda: len(lines("accept_failed")) > 1, 2.0, interval=0.1), served.stderr()
     assert _cpu_seconds(served.proc.pid) - cpu < 0.5
     failed = lines("accept_failed")
     assert len(failed) == 1 and failed[0]["error"] == "EMFILE", served.stderr()

@@ -12,9 +12,8 @@ import gevent
 import pytest
 from gevent.pywsgi import WSGIServer
 
-from tests.conftest import connect, raw_request
-from tests.peers import (CREATE, FIRST_MESSAGE_TIMEOUT, INTERVAL, PING_TIMEOUT, WS, port_of, read_close,
-                         read_until_marker)
+from tests.helpers import (CREATE, FIRST_MESSAGE_TIMEOUT, INTERVAL, PING_TIMEOUT, WS, connect, port_of, raw_request,
+                           read_close, read_until_marker)
 from wsrelay import trace
 from wsrelay.fake_upstream import FakeUpstream, FrameSocket
 from wsrelay.frames import OP_TEXT

@@ -5,8 +5,7 @@ import time
 import gevent
 import pytest
 
-from tests.conftest import connect
-from tests.peers import CREATE, INTERVAL, PING_TIMEOUT, read_frames_until
+from tests.helpers import CREATE, INTERVAL, PING_TIMEOUT, connect, read_frames_until
 from wsrelay.frames import OP_PING, OP_TEXT
 
 pytestmark = pytest.mark.timeout(30)

@@ -9,8 +9,7 @@ import time
 import gevent
 import pytest
 
-from tests.conftest import connect
-from tests.peers import CREATE, FIRST_MESSAGE_TIMEOUT, READ_LIMIT, MiB, read_close
+from tests.helpers import CREATE, FIRST_MESSAGE_TIMEOUT, MiB, READ_LIMIT, connect, read_close
 from wsrelay import frames
 from wsrelay.frames import OP_BINARY, OP_CLOSE, OP_TEXT
 

@@ -8,8 +8,7 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import connect, raw_request
-from tests.peers import CREATE, INTERVAL, PING_TIMEOUT, read_close, read_until_marker
+from tests.helpers import CREATE, INTERVAL, PING_TIMEOUT, REPO, connect, raw_request, read_close, read_until_marker
 from wsrelay.frames import OP_TEXT
 
 pytestmark = pytest.mark.timeout(30)
@@ -93,8 +92,7 @@ def test_grafana_dashboard_only_queries_metrics_the_relay_exports(fake, relay, t
     import os
     import re
 
-    from tests.conftest import REPO
-
+    
     with open(os.path.join(REPO, "etc", "grafana-dashboard.json")) as fh:
         dashboard = json.load(fh)
     exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]

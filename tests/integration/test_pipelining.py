@@ -5,8 +5,7 @@ is drained until the last one ends."""
 import gevent
 import pytest
 
-from tests.conftest import connect
-from tests.peers import read_close, read_events, send_create
+from tests.helpers import connect, read_close, read_events, send_create
 from wsrelay.fake_upstream import ConnectionClosed
 from wsrelay.frames import OP_TEXT
 

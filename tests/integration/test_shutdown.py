@@ -17,8 +17,7 @@ import gevent
 import pytest
 import yaml
 
-from tests.conftest import REPO, connect, free_port, raw_request
-from tests.peers import CREATE, HEAD_EVENTS
+from tests.helpers import CREATE, HEAD_EVENTS, REPO, connect, free_port, raw_request
 from wsrelay import frames
 from wsrelay.frames import OP_CLOSE, OP_PING, OP_PONG, OP_TEXT
 from wsrelay.trace import parse_line

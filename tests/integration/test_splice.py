@@ -16,8 +16,7 @@ import gevent
 import gevent.event
 import pytest
 
-from tests.conftest import connect
-from tests.peers import CREATE, INTERVAL, PING_TIMEOUT, READ_LIMIT, MiB, first_exit, read_close
+from tests.helpers import CREATE, INTERVAL, MiB, PING_TIMEOUT, READ_LIMIT, connect, first_exit, read_close
 from wsrelay import frames
 from wsrelay.fake_upstream import ConnectionClosed
 from wsrelay.frames import (OP_BINARY, OP_CLOSE, OP_CONTINUATION, OP_PING, OP_PONG, OP_TEXT, build_close,

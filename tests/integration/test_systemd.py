@@ -12,8 +12,7 @@ import gevent
 import pytest
 from gevent import monkey
 
-from tests.conftest import REPO, connect, free_port, raw_request
-from tests.peers import CREATE, read_until_marker
+from tests.helpers import CREATE, REPO, connect, free_port, raw_request, read_until_marker
 from wsrelay import systemd
 from wsrelay.frames import OP_TEXT
 
