@@ -53,7 +53,7 @@ is_json_space(unsigned char c)
     return c == ' ' || c == '\t' || c == '\r' || c == '\n';
 }
 
-/* 1: the message plainly is not a terminal event; 0: it may be one (the pump looks); -1: error. */
+/* 1: the message plainly is none the ledger reads; 0: it may be one (the frame stream looks); -1: error. */
 static int
 plainly_not_terminal(Walker *self, const unsigned char *p, Py_ssize_t n)
 {

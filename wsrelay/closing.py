@@ -49,7 +49,8 @@ def settle_client_exit(session, first, up, down):
     _shutdown_write(session.down_sock)
     if first.stage != "client_close" and first.close_code is not None:
         # The relay's own close: the client may still be sending.
-        _linger_on(session, "client", session.down_sock, CloseWatch(session.down_pending, session.down.remaining))
+        watch = CloseWatch(session.down_pending, session.down.walker.remaining)
+        _linger_on(session, "client", session.down_sock, watch)
     if session.ledger.in_flight and session.upstream_open and not up.dead:
         _drain(session, up)
     if session.upstream_open and not up.dead:
@@ -75,7 +76,7 @@ def settle_upstream_exit(session, first, up, down):
         if not up.dead and gevent.getcurrent() is not up:
             up.kill()  # nothing more of the upstream's goes to the client
         _shutdown_write(session.up_sock)
-        _linger_on(session, "upstream", session.up_sock, CloseWatch(session.up_pending, session.up.remaining))
+        _linger_on(session, "upstream", session.up_sock, CloseWatch(session.up_pending, session.up.walker.remaining))
     if session.writer.open:
         if first.stage != "upstream_close":
             session.writer.control(frames.build_close(*_CLIENT_CLOSE.get(first.stage, _UPSTREAM_LOST)))

@@ -91,6 +91,7 @@ class FrameStream:
         self.client = client
         self.read_limit = read_limit
         self.max_event_bytes = max_event_bytes
+        # The header walk; its counters (frames, data_frames) and frame state (remaining, in_message) are read too.
         self.walker = Walker(client, read_limit, () if client else _LEDGER_TYPES)
         self.expected_pong = None  # the payload of the relay's own Ping, while its Pong is awaited
         self.ended = False
@@ -106,19 +107,9 @@ class FrameStream:
         self._message = None  # upstream: the UpstreamMessage being examined
 
     @property
-    def frames(self):
-        """Frames read (control frames the relay consumes included)."""
-        return self.walker.frames
-
-    @property
     def in_message(self):
         """A fragmented data message is open (nothing of the relay's own may be sent in its direction)."""
         return self.walker.in_message
-
-    @property
-    def remaining(self):
-        """Payload bytes of the current frame still to come."""
-        return self.walker.remaining
 
     def buffer(self):
         """Where the next bytes go: the free end of the receive buffer (what was walked is dropped first)."""

@@ -15,6 +15,8 @@ the hub (the Ping written without blocking, the Pong awaited by a second timer);
 
 import itertools
 import time
+from dataclasses import dataclass, field
+from typing import Callable
 
 import gevent
 
@@ -32,6 +34,7 @@ def ping_due_in(now, last_write, interval):
     return last_write + interval - now
 
 
+@dataclass(eq=False)
 class Keepalive:
     """The downstream keepalive of one session.
 
@@ -45,22 +48,22 @@ class Keepalive:
     is set when it arrives); ``trace(stage, **fields)``; ``failed(error)`` when no Pong came in time.
     """
 
-    _counter = itertools.count(1)
+    writer: object
+    expect_pong: Callable[[bytes], None]
+    pong_event: object
+    interval: float
+    timeout: float
+    trace: Callable
+    failed: Callable[[str], None]
+    clock: Callable[[], float] = time.monotonic
+    # The round's state: the Ping timer, the Pong timer, when the Ping went, a greenlet doing the round, stopped.
+    _timer: object = field(default=None, init=False, repr=False)
+    _pong_timer: object = field(default=None, init=False, repr=False)
+    _sent_at: float = field(default=None, init=False, repr=False)
+    _round: object = field(default=None, init=False, repr=False)
+    _stopped: bool = field(default=False, init=False, repr=False)
 
-    def __init__(self, writer, expect_pong, pong_event, interval, timeout, trace, failed, clock=time.monotonic):
-        self.writer = writer
-        self.expect_pong = expect_pong
-        self.pong_event = pong_event
-        self.interval = interval
-        self.timeout = timeout
-        self.trace = trace
-        self.failed = failed
-        self.clock = clock
-        self._timer = None
-        self._pong_timer = None
-        self._sent_at = None
-        self._round = None
-        self._stopped = False
+    _counter = itertools.count(1)  # (not annotated: shared by every keepalive, for unique Ping payloads)
 
     def start(self):
         """Begin once the session has written its first business frame (never before)."""
@@ -153,6 +156,7 @@ APP_KEEPALIVE_FRAME = b"\x81\x14" + b'{"type":"keepalive"}'
 STAGE_APP = "downstream_app_keepalive"
 
 
+@dataclass(eq=False)
 class AppKeepalive:
     """Text-frame keepalive for clients whose own idle watchdog ignores Pings (Codex's does).
 
@@ -161,15 +165,14 @@ class AppKeepalive:
     message would break it).  ``turn_changed`` is an Event the session sets when a turn starts or ends.
     """
 
-    def __init__(self, writer, in_turn, at_boundary, turn_changed, interval, trace, clock=time.monotonic):
-        self.writer = writer
-        self.in_turn = in_turn
-        self.at_boundary = at_boundary
-        self.turn_changed = turn_changed
-        self.interval = interval
-        self.trace = trace
-        self.clock = clock
-        self.sent = 0
+    writer: object
+    in_turn: Callable[[], bool]
+    at_boundary: Callable[[], bool]
+    turn_changed: object
+    interval: float
+    trace: Callable
+    clock: Callable[[], float] = time.monotonic
+    sent: int = 0
 
     def _allowed(self):
         return self.in_turn() and self.at_boundary()

@@ -23,7 +23,8 @@ class Metrics:
         self.registry = registry = CollectorRegistry(auto_describe=True)
         self.handshakes = Counter("wsrelay_handshakes", "WebSocket handshakes by HTTP status answered (101: relayed)",
                                   ["status"], registry=registry)
-        self.dial_seconds = Histogram("wsrelay_upstream_dial_seconds", "Upstream WebSocket dial time (TCP+TLS+handshake)",
+        self.dial_seconds = Histogram("wsrelay_upstream_dial_seconds",
+                                      "Upstream WebSocket dial time (TCP+TLS+handshake)",
                                       buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10), registry=registry)
         self.dial_failures = Counter("wsrelay_upstream_dial_failures", "Failed upstream dials by error code",
                                      ["code"], registry=registry)
@@ -56,11 +57,9 @@ class Metrics:
 
     def session_finished(self, session):
         """Fold a finished session's byte and frame counts into the totals (live ones are read at scrape)."""
-        bytes_, frames = self._completed["bytes"], self._completed["frames"]
-        bytes_["client_to_upstream"] += session.bytes_to_upstream
-        bytes_["upstream_to_client"] += session.bytes_to_client
-        frames["client_to_upstream"] += session.frames_to_upstream
-        frames["upstream_to_client"] += session.frames_to_client
+        for name, by_direction in session.relayed().items():
+            for direction, count in by_direction.items():
+                self._completed[name][direction] += count
 
     def render(self):
         return CONTENT_TYPE_LATEST, generate_latest(self.registry)
@@ -131,10 +130,11 @@ class _LiveCollector:
         if guard is not None:
             yield GaugeMetricFamily("wsrelay_pending_handshakes", "Connections whose request head is awaited",
                                     value=guard.pending)
-        live = {"bytes": {"client_to_upstream": sum(s.bytes_to_upstream for s in sessions),
-                          "upstream_to_client": sum(s.bytes_to_client for s in sessions)},
-                "frames": {"client_to_upstream": sum(s.frames_to_upstream for s in sessions),
-                           "upstream_to_client": sum(s.frames_to_client for s in sessions)}}
+        live = {"bytes": dict.fromkeys(DIRECTIONS, 0), "frames": dict.fromkeys(DIRECTIONS, 0)}
+        for session in sessions:
+            for name, by_direction in session.relayed().items():
+                for direction, count in by_direction.items():
+                    live[name][direction] += count
         for name, doc in (("bytes", "Bytes relayed by direction"), ("frames", "Frames relayed by direction")):
             family = CounterMetricFamily("wsrelay_relayed_" + name, doc, labels=["direction"])
             for direction in DIRECTIONS:

@@ -68,22 +68,15 @@ class Session:
         self.exit_event = Event()
         self.lingering = []  # greenlets reading what a peer still sends after the relay's own close
 
-    # What the metrics read.
-    @property
-    def frames_to_upstream(self):
-        return self.down.frames
-
-    @property
-    def frames_to_client(self):
-        return self.up.frames
-
-    @property
-    def bytes_to_client(self):
-        return self.writer.bytes
-
     @property
     def wrote_downstream(self):
+        """A business frame has been written to the client (what the trace lines say as wrote_downstream)."""
         return self.writer.wrote_business
+
+    def relayed(self):
+        """Bytes and frames relayed so far by direction (the metrics read it)."""
+        return {"bytes": {CLIENT_TO_UPSTREAM: self.bytes_to_upstream, UPSTREAM_TO_CLIENT: self.writer.bytes},
+                "frames": {CLIENT_TO_UPSTREAM: self.down.walker.frames, UPSTREAM_TO_CLIENT: self.up.walker.frames}}
 
     def run(self):
         ws = self.settings
@@ -131,7 +124,7 @@ class Session:
             self.trace("relay_complete", cause=first.stage if first else "error",
                        graceful=first.graceful if first else False, wrote_downstream=self.wrote_downstream,
                        duration_ms=int((time.monotonic() - self.started) * 1000), turns=self.turns_started,
-                       bytes_to_upstream=self.bytes_to_upstream, bytes_to_client=self.bytes_to_client)
+                       bytes_to_upstream=self.bytes_to_upstream, bytes_to_client=self.writer.bytes)
         return first
 
     # -- the pump: one loop for both directions ------------------------------------------------------------------

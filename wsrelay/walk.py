@@ -1,11 +1,11 @@
-"""Walking frame headers in bulk: the splice's per-frame work, done once per read instead of once per frame.
+"""Walking frame headers in bulk: the relay's per-frame work, done once per read instead of once per frame.
 
 A :class:`Walker` follows one direction of a session over its receive buffer.  :meth:`Walker.walk` skips, header
 by header, every data frame the relay has nothing to do with and stops in front of the first frame it must look
 at, leaving that frame's header unconsumed:
 
 ``CONTROL``
-    a Close, Ping or Pong (the pump handles it, whole or not);
+    a Close, Ping or Pong (the frame stream handles it, whole or not);
 ``TEXT``
     a text message that may matter: on the client side a possible ``response.create`` (its first bytes, unmasked,
     show the request, or have no ``"type"`` yet the message goes on) or one whose first bytes are not all here
@@ -13,13 +13,13 @@ at, leaving that frame's header unconsumed:
     ledger ignores (``{"type":"<a type other than a terminal one or response.created>"`` in its first bytes);
 ``ERROR``
     a header RFC 6455 forbids, a fragment out of sequence, or (client side) a message over the read limit; the
-    pump re-parses it to say exactly what is wrong;
+    frame stream re-parses it to say exactly what is wrong;
 ``NEED_MORE``
     the buffer ends: ``pos == end``, or a header is not complete.
 
 A frame it skips is accounted (``frames``, ``data_frames``), the fragmentation state moves on (``in_message``,
 ``frame_fin``, ``message_size``) and its payload is stepped over (``remaining`` carries into the next read).  The
-pump updates the same attributes itself when it handles a frame the slow way.
+frame stream (:mod:`wsrelay.framestream`) updates the same attributes itself when it handles a frame the slow way.
 
 The C implementation in ``wsrelay/_speedups.c`` behaves identically (the tests run both on the same streams);
 this module's pure-Python one is used where the extension was not built, or when the environment variable

@@ -1,4 +1,4 @@
-"""The Session on its own, over socket pairs: no server, no handshake, just the splice and its exits."""
+"""The Session on its own, over socket pairs: no server, no handshake, just its frames and its exits."""
 
 import json
 import socket
