@@ -22,7 +22,7 @@ from .framestream import (CloseArrived, FrameStream, Forward, LedgerEvent, PingA
 from .frames import OP_PONG
 from .keepalive import STAGE_FAILED, AppKeepalive, Keepalive
 from .timers import SessionTimer
-from .writer import PING, DownstreamWriter, describe, send_all
+from .writer import APP_KEEPALIVE, PING, DownstreamWriter, describe, send_all
 
 _READ_DIRECTION = {"client": CLIENT_TO_UPSTREAM, "upstream": UPSTREAM_TO_CLIENT}
 
@@ -268,7 +268,7 @@ class Session:
         if what == PING:
             self.keepalive_failed("ping write failed: %s" % describe(exc))
         else:
-            direction = UPSTREAM_TO_CLIENT if what == "forward" else KEEPALIVE
+            direction = KEEPALIVE if what == APP_KEEPALIVE else UPSTREAM_TO_CLIENT
             self.report(Exit("client_write_failed", direction, "client", True, error=describe(exc)))
 
     def keepalive_failed(self, error):
