@@ -82,10 +82,18 @@ class Violation(NamedTuple):
 _PONG_ARRIVED = PongArrived()
 
 
+def _forward(data, mid_frame, business, _new=tuple.__new__):
+    # Forward(...) without the Python-level __new__ NamedTuple adds: it is made once per read.
+    return _new(Forward, (data, mid_frame, business))
+
+
 class FrameStream:
     """The frames of one direction: ``client`` for what a client sends (masked, sniffed for requests, held to
     ``read_limit``), else for what the upstream sends (sniffed for the events the usage ledger reads, copied up to
     ``max_event_bytes``).  ``initial`` holds bytes read before the relay began (along with a handshake)."""
+
+    __slots__ = ("client", "read_limit", "max_event_bytes", "walker", "expected_pong", "ended", "_buf", "_view",
+                 "_end", "_pos", "_full", "_done", "_sniff", "_create", "_message")
 
     def __init__(self, client, read_limit=0, max_event_bytes=0, initial=b""):
         self.client = client
@@ -114,6 +122,9 @@ class FrameStream:
     def buffer(self):
         """Where the next bytes go: the free end of the receive buffer (what was walked is dropped first)."""
         buf, pos, end = self._buf, self._pos, self._end
+        if pos == end and not self._full:  # all walked (the usual case): the whole buffer, as it is
+            self._pos = self._end = 0
+            return self._view
         leftover = end - pos  # a partial header or control frame, never payload
         if leftover and pos:
             buf[:leftover] = buf[pos:end]
@@ -127,11 +138,25 @@ class FrameStream:
 
     def received(self, n):
         """``n`` bytes were written into :meth:`buffer`; returns the actions they (and anything held) call for."""
-        self._full = self._end + n == len(self._buf)
-        self._end += n
+        end = self._end + n
+        self._full = end == len(self._buf)
+        self._end = end
         if self.ended:
             return []
-        return self._walk()
+        start = self._pos
+        walker = self.walker
+        data_frames = walker.data_frames
+        if self._sniff is None and self._create is None and self._message is None:
+            # The usual read: the walker steps over everything in it.
+            pos, event = walker.walk(self._buf, start, end)
+            if event == NEED_MORE:
+                self._pos = pos
+                if pos == start:
+                    return []
+                return [_forward(self._view[start:pos], walker.remaining > 0, walker.data_frames != data_frames)]
+        else:
+            pos = start
+        return self._walk(pos, start, data_frames)
 
     def feed(self, data):
         """Take ``data`` whole (for tests and for bytes read elsewhere): the actions, in order."""
@@ -145,13 +170,12 @@ class FrameStream:
             actions += [_settled(a) for a in self.received(n)]
         return actions
 
-    def _walk(self):
+    def _walk(self, pos, flush_from, flushed_data_frames):
+        """Walk on from ``pos`` (nothing before it needs a look; ``[flush_from:pos]`` is still to be forwarded)."""
         actions = []
         client = self.client
         buf, view, end = self._buf, self._view, self._end
-        pos = flush_from = self._pos
         walker = self.walker
-        flushed_data_frames = walker.data_frames
         while pos < end:
             if self._sniff is None and self._create is None and self._message is None:
                 # The fast way over everything of no interest, up to the first frame that is.
@@ -227,7 +251,7 @@ class FrameStream:
         """Forward ``[start:end]``, then what completed in it; returns the data-frame count now flushed."""
         data_frames = self.walker.data_frames
         if start < end:
-            actions.append(Forward(self._view[start:end], mid_frame, data_frames != flushed_data_frames))
+            actions.append(_forward(self._view[start:end], mid_frame, data_frames != flushed_data_frames))
         if self._done:
             actions += self._done
             self._done = []

@@ -163,7 +163,8 @@ class Session:
         for action in actions:
             kind = action.__class__
             if kind is Forward:
-                if not self.send_up(action.data, action.mid_frame):
+                data, mid_frame, _ = action
+                if not self.send_up(data, mid_frame):
                     return self.exit
             elif kind is TurnStarted:
                 # A turn starts once its whole request has reached the upstream: a request cut short starts none.
@@ -192,7 +193,7 @@ class Session:
         for action in actions:
             kind = action.__class__
             if kind is Forward:
-                self.writer.forward(action.data, action.mid_frame, action.business)
+                self.writer.forward(*action)
             elif kind is LedgerEvent:
                 self._on_ledger_event(action.payload)
             elif kind is PingArrived:
