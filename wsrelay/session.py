@@ -171,7 +171,8 @@ class Session:
                 self.turns_started += 1
                 self.record(self.ledger.start_turn(action.model))
                 self._turn_changed()
-                self.trace("turn_start", direction=CLIENT_TO_UPSTREAM, model=action.model)
+                self.trace("turn_start", direction=CLIENT_TO_UPSTREAM, model=action.model,
+                           responses_in_flight=self.ledger.open_responses)
             elif kind is PongArrived:
                 self.pong_event.set()
             elif kind is CloseArrived:

@@ -46,6 +46,7 @@ def test_two_pipelined_responses_with_interleaved_events_are_each_billed_with_th
         scripted, relay, tracer, store):
     client, up = open_two_responses(scripted, relay)
     try:
+        assert [t["responses_in_flight"] for t in tracer.find("turn_start")] == [1, 2]
         up.send_json(delta("resp_a", "a1"))
         up.send_json(delta("resp_b", "b1"))
         up.send_json(completed("resp_b", 7, 3))   # the later request ends first
