@@ -67,6 +67,8 @@ class Session:
         self.exit = None
         self.exit_event = Event()
         self.lingering = []  # greenlets reading what a peer still sends after the relay's own close
+        # The bytes from a bad frame on, when a stream ended on one: where a lingering close starts walking.
+        self.down_pending = self.up_pending = b""
 
     @property
     def wrote_downstream(self):
@@ -228,9 +230,6 @@ class Session:
                 self.shutdown()
 
     # -- what the parts share ----------------------------------------------------------------------------------
-
-    down_pending = b""  # bytes from a bad client frame on (where a lingering close starts walking)
-    up_pending = b""
 
     def trace(self, stage, **fields):
         self.tracer.emit(stage, session=self.id, **fields)
