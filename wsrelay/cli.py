@@ -125,7 +125,8 @@ def check_config(config_path, print_defaults, print_reference):
               show_default=True)
 @click.option("--deltas", type=int, default=3, show_default=True, help="Text deltas per turn.")
 def fake_upstream(host, port, silence, mode, deltas):
-    """A Responses-shaped WebSocket upstream for tests and smoke tests (no model behind it)."""
+    """A Responses-shaped upstream for tests and smoke tests (no model behind it): WebSocket at /v1/responses,
+    and HTTP: POST /v1/responses (SSE with "stream": true, else JSON) and GET /v1/models."""
     import signal
 
     import gevent
@@ -139,8 +140,8 @@ def fake_upstream(host, port, silence, mode, deltas):
     except OSError as exc:
         click.echo("wsrelay: cannot listen on %s:%s: %s" % (host, port, exc.strerror or exc), err=True)
         sys.exit(1)
-    click.echo("fake upstream listening on ws://%s:%d/v1/responses (mode=%s silence=%gs)"
-               % (host, server.server_port, mode, silence), err=True)
+    click.echo("fake upstream listening on ws://%s:%d/v1/responses and http://%s:%d/v1 (mode=%s silence=%gs)"
+               % (host, server.server_port, host, server.server_port, mode, silence), err=True)
     stop = gevent.event.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         gevent.signal_handler(signum, stop.set)

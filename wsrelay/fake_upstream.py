@@ -1,17 +1,21 @@
-"""A Responses-shaped WebSocket upstream, for tests and for smoke-testing a deployment.
+"""A Responses-shaped upstream, on both transports, for tests and for smoke-testing a deployment.
 
-For each ``response.create`` it streams ``response.created``, ``response.in_progress``, an output item with a
-few ``response.output_text.delta`` events, optionally stays silent for ``silence`` seconds, then ends the turn
+For each ``response.create`` (WebSocket) or ``POST /v1/responses`` (HTTP; ``"stream": true`` gets Server-Sent
+Events) it sends ``response.created``, ``response.in_progress``, an output item with a few
+``response.output_text.delta`` events, optionally stays silent for ``silence`` seconds, then ends the turn
 according to ``mode``:
 
 ``normal``     ``response.output_item.done`` + ``response.completed`` with usage
-``error``      ``error`` (status 500) followed by ``response.failed`` for the same turn
-``close-mid``  a close frame 1011 in the middle of the turn
-``drop-mid``   a TCP reset in the middle of the turn (no close frame)
-``echo``       no Responses events: every data message comes back as it was sent (same opcode)
+``error``      ``error`` (status 500) followed by ``response.failed`` for the same turn (HTTP without streaming:
+               a 500 with OpenAI's error body)
+``close-mid``  WebSocket: a close frame 1011 in the middle of the turn; HTTP: the event stream ends there
+``drop-mid``   a TCP reset in the middle of the turn (no close frame, no end of the HTTP body)
+``echo``       no Responses events: every data message comes back as it was sent (same opcode); over HTTP the
+               request body comes back as JSON
 
 A ``response.create`` with ``"generate": false`` (Codex's prewarm) is answered with ``response.created`` and a
-``response.completed`` with zero usage, whatever the mode.
+``response.completed`` with zero usage, whatever the mode.  A non-streaming request gets the final Response
+object (``usage`` at its top level).  ``GET /v1/models`` lists one model.
 """
 
 import json
@@ -23,8 +27,9 @@ import gevent
 from gevent.pywsgi import WSGIServer
 
 from . import frames
+from .fake_http import http_exchange
 from .frames import OP_CLOSE, OP_CONTINUATION, OP_PING, OP_PONG, OP_TEXT
-from .websocket import RelayHandler, error_body
+from .websocket import RelayHandler
 
 MODES = ("normal", "error", "close-mid", "drop-mid", "echo")
 
@@ -147,14 +152,13 @@ class FakeUpstream:
         self.response_headers = list(response_headers)
         self.require_authorization = require_authorization
         self.handshakes = []
+        self.http_requests = []   # (method, path, headers) of each HTTP request
         self.closes = []          # (code, reason) of each close frame a client sent
         self.connections = 0
 
     def __call__(self, environ, start_response):
-        body = error_body(426, "websocket_required", "fake upstream: WebSocket only")
-        start_response("426 Upgrade Required", [("Content-Type", "application/json"),
-                                                ("Content-Length", str(len(body)))])
-        return [body]
+        """The HTTP transport: ``POST /v1/responses`` (SSE or JSON) and ``GET /v1/models``."""
+        return http_exchange(self, environ, start_response, turn_events)
 
     def accept_websocket(self, handler):
         environ = handler.environ
