@@ -122,6 +122,37 @@ def test_records_written_are_queried_back_in_start_order(make_store, paths):
     assert len(UsageStore(paths[0]).query()) == 3
 
 
+# The table as wsrelay made it before records had a transport.
+OLDER_TABLE = """CREATE TABLE usage (record_id TEXT PRIMARY KEY, session_id TEXT NOT NULL, response_id TEXT,
+model TEXT, key_id TEXT, input_tokens INTEGER NOT NULL DEFAULT 0, output_tokens INTEGER NOT NULL DEFAULT 0,
+total_tokens INTEGER NOT NULL DEFAULT 0, cached_tokens INTEGER NOT NULL DEFAULT 0,
+reasoning_tokens INTEGER NOT NULL DEFAULT 0, image_tokens INTEGER NOT NULL DEFAULT 0, terminal_event TEXT NOT NULL,
+client_disconnected INTEGER NOT NULL DEFAULT 0, started_at REAL NOT NULL, duration_ms INTEGER NOT NULL DEFAULT 0)"""
+
+
+def test_a_database_made_before_a_field_existed_gains_its_column_and_keeps_its_rows(make_store, paths):
+    os.makedirs(os.path.dirname(paths[0]))
+    conn = sqlite3.connect(paths[0])
+    conn.execute(OLDER_TABLE)
+    conn.execute("INSERT INTO usage (record_id, session_id, response_id, terminal_event, started_at, input_tokens) "
+                 "VALUES ('old', 's', 'resp_old', 'response.completed', 999.0, 7)")
+    conn.commit()
+    conn.close()
+    store = make_store()
+    store.start()
+    store.put(rec(1))
+    assert store.flush(5.0)
+    old, new = store.query()
+    assert (old["response_id"], old["input_tokens"], old["transport"]) == ("resp_old", 7, "websocket")
+    assert new["response_id"] == "resp_1" and new["transport"] == "websocket"
+    store.close()
+
+
+def test_a_fallback_line_from_before_a_field_existed_gets_its_default():
+    record = UsageRecord.from_dict({"record_id": "r", "terminal_event": "response.completed", "input_tokens": 3})
+    assert record.transport == "websocket" and record.input_tokens == 3
+
+
 def test_database_and_its_directory_are_created_in_wal_mode(make_store, paths):
     store = make_store()
     store.start()

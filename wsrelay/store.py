@@ -17,42 +17,14 @@ import gevent.queue
 from gevent.monkey import get_original
 from gevent.threadpool import ThreadPool
 
-from wsrelay import usage
 from wsrelay.usage import UsageRecord
+from wsrelay.usage_table import BOOL_COLUMNS, COLUMNS, INSERT, SCHEMA, add_new_columns, as_row
 
 # The pool thread must be told apart from others by its real identity, even when threading is monkey-patched.
 _native_ident = get_original("_thread", "get_ident")
 
-COLUMNS = usage.RECORD_FIELDS
-_BOOL_COLUMNS = frozenset(name for name, kind in usage.FIELD_TYPES.items() if kind is bool)
-
-
-def _column_type(name):
-    """The SQLite type of a record field: text (nullable where the record allows None), counts and flags as
-    integers, times as reals."""
-    kind = usage.FIELD_TYPES[name]
-    if name == "record_id":
-        return "TEXT PRIMARY KEY"
-    if kind is str:
-        return "TEXT" if name in usage.NULLABLE_FIELDS else "TEXT NOT NULL"
-    if kind is float:
-        return "REAL NOT NULL"
-    return "INTEGER NOT NULL DEFAULT 0"
-
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS usage (
-%s
-);
-CREATE INDEX IF NOT EXISTS usage_started_at ON usage (started_at);
-""" % ",\n".join("    %s %s" % (name, _column_type(name)) for name in COLUMNS)
-_INSERT = "INSERT OR IGNORE INTO usage (%s) VALUES (%s)" % (", ".join(COLUMNS), ", ".join("?" * len(COLUMNS)))
 _STOP = object()
 _STORE_ERRORS = (sqlite3.Error, OSError)
-
-
-def _row(d):
-    return tuple(int(d[c]) if c in _BOOL_COLUMNS else d[c] for c in COLUMNS)
 
 
 def _capture(fn, args):
@@ -245,7 +217,7 @@ class UsageStore:
 
     def _store_in_db(self, batch):
         try:
-            self._call(self._write_rows, [_row(d) for d in batch])
+            self._call(self._write_rows, [as_row(d) for d in batch])
         except _STORE_ERRORS as exc:
             self.failures += 1
             self._emit("usage_store_failed", error=type(exc).__name__, message=str(exc), count=len(batch),
@@ -305,7 +277,8 @@ class UsageStore:
             conn.execute("PRAGMA journal_mode=WAL")
             # FULL: a committed batch survives power loss, not only a process crash.
             conn.execute("PRAGMA synchronous=FULL")
-            conn.executescript(_SCHEMA)
+            conn.executescript(SCHEMA)
+            add_new_columns(conn)
         except BaseException:
             conn.close()
             raise
@@ -325,7 +298,7 @@ class UsageStore:
             conn = self._open_db()
             conn.execute("BEGIN IMMEDIATE")
             try:
-                conn.executemany(_INSERT, rows)
+                conn.executemany(INSERT, rows)
                 conn.execute("COMMIT")
             except BaseException:
                 if conn.in_transaction:
@@ -378,7 +351,7 @@ class UsageStore:
     def _import_fallback(self):
         records, skipped = self._read_fallback()
         if records:
-            self._write_rows([_row(d) for d in records])
+            self._write_rows([as_row(d) for d in records])
         if records or skipped:
             # Only after the commit: a crash before this point re-imports, and INSERT OR IGNORE dedups.
             with open(self.fallback_path, "r+b") as fh:
@@ -398,7 +371,7 @@ class UsageStore:
                 args = (float(since),)
             for values in conn.execute(sql, args):
                 d = dict(zip(COLUMNS, values))
-                for name in _BOOL_COLUMNS:
+                for name in BOOL_COLUMNS:
                     d[name] = bool(d[name])
                 rows[d["record_id"]] = d
         pending, _ = self._read_fallback()

@@ -165,6 +165,7 @@ class UsageRecord:
     client_disconnected: bool = False
     started_at: float = 0.0
     duration_ms: int = 0
+    transport: str = "websocket"  # how the client reached the relay (the HTTP/SSE transport will say "http")
 
     def to_dict(self):
         return asdict(self)
@@ -188,7 +189,7 @@ class UsageRecord:
             elif f.default is None:
                 values[f.name] = None if value is None else str(value)
             else:
-                values[f.name] = str(value or "")
+                values[f.name] = str(value) if value else f.default  # (an older record lacks newer fields)
         values["record_id"] = values["record_id"] or _new_id()
         return cls(**values)
 
