@@ -46,6 +46,9 @@ class Metrics:
         self.accept_pauses = Counter("wsrelay_accept_pauses", "Bursts of accept() failures for lack of "
                                      "descriptors or memory (accepting paused), by error", ["error"],
                                      registry=registry)
+        self.lingering_closes = Counter("wsrelay_lingering_closes", "Lingering closes after the relay's own close, "
+                                        "by side and how they ended (close, eof, reset, timeout, idle, max_bytes)",
+                                        ["side", "outcome"], registry=registry)
         self._completed = {"bytes": dict.fromkeys(DIRECTIONS, 0), "frames": dict.fromkeys(DIRECTIONS, 0)}
         registry.register(_LiveCollector(self))
 
@@ -110,6 +113,7 @@ _HANDLERS = {
     "handshake_timeout": lambda m, f: m.handshake_timeouts.labels(str(f.get("request_line")).lower()).inc(),
     "accept_failed": lambda m, f: m.accept_pauses.labels(str(f.get("error"))).inc(),
     "usage_recorded": _usage,
+    "lingering_close": lambda m, f: m.lingering_closes.labels(str(f.get("side")), str(f.get("outcome"))).inc(),
 }
 
 

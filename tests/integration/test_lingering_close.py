@@ -8,6 +8,7 @@ import time
 
 import gevent
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.helpers import CREATE, FIRST_MESSAGE_TIMEOUT, MiB, READ_LIMIT, connect, read_close
 from wsrelay import frames
@@ -50,6 +51,11 @@ def test_clients_streaming_a_message_over_the_limit_finish_their_write_and_read_
     lingers = tracer.wait_for("lingering_close", count=20)
     assert lingers["side"] == "client" and lingers["outcome"] in ("close", "eof")
     assert all(f["discarded_bytes"] >= MiB for f in tracer.find("lingering_close"))
+    _, text = relay.apps[0].metrics.render()
+    counted = sum(sample.value for family in text_string_to_metric_families(text.decode())
+                  for sample in family.samples if sample.name == "wsrelay_lingering_closes_total"
+                  and sample.labels["side"] == "client")
+    assert counted == 20
 
 
 def test_lingering_ends_at_its_byte_bound(fake, relay, tracer):
