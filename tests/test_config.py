@@ -379,3 +379,20 @@ def test_readme_is_valid_restructuredtext():
     errors = io.StringIO()
     docutils.core.publish_doctree(source, settings_overrides={"report_level": 2, "warning_stream": errors})
     assert errors.getvalue() == ""
+
+
+@pytest.mark.parametrize("url, base", [
+    ("wss://api.openai.com/v1/responses", "https://api.openai.com/v1"),
+    ("ws://127.0.0.1:9000/v1/responses/", "http://127.0.0.1:9000/v1"),
+    ("wss://chatgpt.com/backend-api/codex/responses", "https://chatgpt.com/backend-api/codex"),
+    ("ws://h:1/gateway?x=1", "http://h:1/gateway"),
+])
+def test_http_base_url_is_derived_from_the_websocket_url(url, base):
+    assert config.load(overrides={"upstream.url": url}).upstream_http_base_url == base
+
+
+def test_http_base_url_given_wins_and_must_be_http():
+    conf = config.load(overrides={"upstream.http_base_url": "https://proxy.example/openai/v1/"})
+    assert conf.upstream_http_base_url == "https://proxy.example/openai/v1"
+    with pytest.raises(config.ConfigError, match="upstream.http_base_url: must start with http"):
+        config.load(overrides={"upstream.http_base_url": "wss://x/v1"})

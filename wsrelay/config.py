@@ -78,6 +78,7 @@ class Setting:
 
 
 _WS = "gateway.openai_ws."
+_HTTP = "gateway.openai_http."
 
 SETTINGS = (
     Setting("server.host", str, "127.0.0.1", "Address to listen on."),
@@ -118,6 +119,16 @@ SETTINGS = (
     Setting("upstream.connect_timeout_seconds", float, 10.0,
             "Time allowed for the upstream TCP, TLS and WebSocket handshake; past it the client gets 504.",
             minimum=0, exclusive_minimum=True),
+    Setting("upstream.http_base_url", str, None,
+            "Upstream base URL of the HTTP transport (POST {base}/responses, GET {base}/models, other /v1/* "
+            "requests). Default: derived from upstream.url (wss://host/v1/responses -> https://host/v1).",
+            nullable=True),
+    Setting("upstream.http_read_timeout_seconds", float, 900.0,
+            "Longest silence allowed between bytes of an upstream HTTP response (a long turn's event stream "
+            "included); past it the client gets 504, or the stream ends.", minimum=0, exclusive_minimum=True),
+    Setting("upstream.http_max_connections", int, 1024,
+            "Upstream HTTP connections open at once (in use or kept alive for reuse); a request beyond it waits "
+            "up to upstream.connect_timeout_seconds for one, then gets 503.", minimum=1),
     Setting("upstream.ca_file", str, None, "Extra CA bundle (PEM) for verifying the upstream's TLS certificate. "
             "Verification is always on.", nullable=True),
     Setting("auth.keys", list, [], "Relay keys clients must present as 'Authorization: Bearer <key>'. "
@@ -172,6 +183,20 @@ SETTINGS = (
     Setting(_WS + "lingering_close_max_bytes", int, 128 * MiB,
             "The most a lingering close reads and discards (the default is twice the default read limit, enough "
             "for a client finishing a message a few MiB over the limit).", minimum=0),
+    Setting(_HTTP + "sse_keepalive_interval_seconds", float, 20.0,
+            "After the first event of a streamed HTTP response, write an SSE comment (': keepalive') when the "
+            "client has had no bytes for this long, so proxies in between do not cut a silent turn. 0 = off. "
+            "The app keepalive settings of gateway.openai_ws apply to this transport too, as an SSE event.",
+            minimum=0),
+    Setting(_HTTP + "max_request_body_bytes", int, 64 * MiB,
+            "Largest request body the HTTP transport takes (POST /v1/responses and other /v1/* requests); "
+            "larger ones get 413.", minimum=1),
+    Setting(_HTTP + "upstream_drain_timeout_seconds", float, 60.0,
+            "When an HTTP client leaves mid-stream, how long the upstream's event stream is still read to its "
+            "terminal event, so the turn is billed.", minimum=0),
+    Setting(_HTTP + "write_timeout_seconds", float, 60.0,
+            "Time allowed for one write to an HTTP client; a client that reads nothing for longer is "
+            "disconnected (and its turn drained).", minimum=0, exclusive_minimum=True),
     Setting("usage.sqlite_path", str, "./wsrelay-usage.db", "SQLite database the usage records go to."),
     Setting("usage.fallback_path", str, None, "Append-only file that holds usage records while the database "
             "cannot be written; re-imported on recovery and at start. Default: <sqlite_path>.pending.jsonl.",
@@ -224,8 +249,26 @@ class Config:
         return key
 
     @property
+    def upstream_http_base_url(self):
+        """``upstream.http_base_url``, else derived from ``upstream.url``: the scheme's HTTP twin and the path
+        without its last ``/responses`` (``wss://host/v1/responses`` -> ``https://host/v1``)."""
+        if self.upstream.http_base_url:
+            return self.upstream.http_base_url.rstrip("/")
+        return http_base_url(self.upstream.url)
+
+    @property
     def usage_fallback_path(self):
         return self.usage.fallback_path or self.usage.sqlite_path + ".pending.jsonl"
+
+
+def http_base_url(ws_url):
+    """The HTTP base URL a Responses WebSocket URL stands for (see :attr:`Config.upstream_http_base_url`)."""
+    scheme, sep, rest = ws_url.partition("://")
+    scheme = {"wss": "https", "ws": "http"}.get(scheme.lower(), scheme)
+    rest = rest.split("?", 1)[0].rstrip("/")
+    if rest.endswith("/responses"):
+        rest = rest[:-len("/responses")]
+    return scheme + sep + rest
 
 
 def _flatten(tree, prefix="", out=None, problems=None):
@@ -299,6 +342,9 @@ def _cross_check(values):
     url = values["upstream.url"]
     if not (url.startswith("ws://") or url.startswith("wss://")):
         problems.append("upstream.url: must start with ws:// or wss://, got %r" % url)
+    base = values["upstream.http_base_url"]
+    if base and not (base.startswith("http://") or base.startswith("https://")):
+        problems.append("upstream.http_base_url: must start with http:// or https://, got %r" % base)
     for key in values["auth.keys"]:
         if key.startswith("sha256:"):
             digest = key[len("sha256:"):]
