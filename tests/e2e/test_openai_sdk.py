@@ -11,11 +11,13 @@ which the suite's gevent patching turns into greenlets, so while the SDK waits t
 ``max_retries=0`` and a short timeout, so a failure is an exception at once rather than a retried or hung call.
 """
 
+import time
+
 import gevent
 import openai
 import pytest
 
-from tests.helpers import FAKE_USAGE, port_of, stays_false, tokens
+from tests.helpers import APP_KEEPALIVE_INTERVAL, FAKE_USAGE, port_of, stays_false, tokens
 from wsrelay import auth
 
 pytestmark = pytest.mark.timeout(30)
@@ -31,28 +33,40 @@ TIMEOUT = 5.0
 
 
 @pytest.fixture
-def keyed(fake, relay):
-    """A relay with one relay key in front of a fake upstream that takes only the upstream credential;
-    returns ``(fake app, make_client)`` where ``make_client(api_key=RELAY_KEY)`` is an SDK client of the relay."""
-    app, upstream_url = fake(require_authorization="Bearer " + UPSTREAM_KEY)
-    port = port_of(relay(upstream_url, auth__keys=[RELAY_KEY], upstream__api_key=UPSTREAM_KEY))
+def keyed_relay(fake, relay):
+    """``keyed_relay(timeout=TIMEOUT, fake_options={}, **settings)``: a relay with one relay key in front of a fake
+    upstream that takes only the upstream credential; returns ``(fake app, make_client)`` where
+    ``make_client(api_key=RELAY_KEY)`` is an SDK client of that relay."""
     clients = []
 
-    def make_client(api_key=RELAY_KEY):
-        # websocket_base_url: SDK releases before 3.x dial wss:// for any http:// base_url unless it is given.
-        client = openai.OpenAI(api_key=api_key, base_url="http://127.0.0.1:%d/v1" % port,
-                               websocket_base_url="ws://127.0.0.1:%d/v1" % port, max_retries=0, timeout=TIMEOUT)
-        clients.append(client)
-        return client
+    def start(timeout=TIMEOUT, fake_options=None, **settings):
+        app, upstream_url = fake(require_authorization="Bearer " + UPSTREAM_KEY, **(fake_options or {}))
+        port = port_of(relay(upstream_url, auth__keys=[RELAY_KEY], upstream__api_key=UPSTREAM_KEY, **settings))
 
-    yield app, make_client
+        def make_client(api_key=RELAY_KEY):
+            # websocket_base_url: SDK 2.x dials wss:// for any base_url unless it is given.
+            client = openai.OpenAI(api_key=api_key, base_url="http://127.0.0.1:%d/v1" % port,
+                                   websocket_base_url="ws://127.0.0.1:%d/v1" % port, max_retries=0,
+                                   timeout=timeout)
+            clients.append(client)
+            return client
+
+        return app, make_client
+
+    yield start
     for client in clients:
         client.close()
 
 
-def only_record(store):
+@pytest.fixture
+def keyed(keyed_relay):
+    """:func:`keyed_relay` with its defaults."""
+    return keyed_relay()
+
+
+def only_record(store, timeout=5.0):
     """The one usage record of the test: waits for it, then makes sure no second one follows."""
-    record = store.wait(1)[0]
+    record = store.wait(1, timeout=timeout)[0]
     assert stays_false(lambda: len(store.records) > 1, 0.3), "more than one record: %s" % store.records
     return record
 
@@ -96,6 +110,42 @@ def test_create_with_stream_yields_the_turn_through_response_completed_and_recor
     assert record["response_id"] == done.id and record["model"] == MODEL
     assert record["key_id"] == auth.key_id(RELAY_KEY) and record["terminal_event"] == "response.completed"
     assert not record["client_disconnected"]
+
+
+# A silent turn longer than the SDK's read timeout (httpx's, per read): the relay's SSE keepalive comments are
+# reads for the SDK, which shows none of them; without them the SDK gives up and the relay still bills the turn.
+SILENCE = 2.5
+SDK_READ_TIMEOUT = 1.0
+SSE_KEEPALIVE = "gateway__openai_http__sse_keepalive_interval_seconds"
+
+
+def test_sse_keepalive_comments_carry_a_silent_streamed_turn_past_the_sdk_read_timeout(keyed_relay, store):
+    app, make_client = keyed_relay(timeout=SDK_READ_TIMEOUT, fake_options={"silence": SILENCE},
+                                   **{SSE_KEEPALIVE: 0.3, APP_KEEPALIVE_INTERVAL: 0.3})
+    started = time.monotonic()
+    with make_client().responses.create(model=MODEL, input="hi", stream=True) as stream:
+        events = list(stream)
+    assert time.monotonic() - started >= SILENCE
+    # No keepalive event either: the SDK is not Codex, so the app keepalive (mode auto) is not for it.
+    assert [event.type for event in events] == TURN
+    record = only_record(store)
+    assert record["transport"] == "http" and tokens(record) == FAKE_USAGE and not record["client_disconnected"]
+
+
+def test_a_silent_streamed_turn_without_keepalive_times_the_sdk_out_and_is_still_billed(keyed_relay, store):
+    app, make_client = keyed_relay(timeout=SDK_READ_TIMEOUT, fake_options={"silence": SILENCE},
+                                   **{SSE_KEEPALIVE: 0})
+    events = []
+    with pytest.raises(Exception) as raised:
+        with make_client().responses.create(model=MODEL, input="hi", stream=True) as stream:
+            for event in stream:
+                events.append(event.type)
+    # SDK 3.x raises APITimeoutError; 2.x lets its HTTP client's ReadTimeout out of the stream.
+    assert isinstance(raised.value, openai.APITimeoutError) or type(raised.value).__name__ == "ReadTimeout", \
+        repr(raised.value)
+    assert events == TURN[:6]  # the head of the turn, up to the silence
+    record = only_record(store, timeout=SILENCE + 3)
+    assert record["transport"] == "http" and tokens(record) == FAKE_USAGE and record["client_disconnected"]
 
 
 def test_models_list_shows_the_upstream_models(keyed, store):
