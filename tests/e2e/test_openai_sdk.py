@@ -145,7 +145,8 @@ def test_a_silent_streamed_turn_without_keepalive_times_the_sdk_out_and_is_still
         repr(raised.value)
     assert events == TURN[:6]  # the head of the turn, up to the silence
     record = only_record(store, timeout=SILENCE + 3)
-    assert record["transport"] == "http" and tokens(record) == FAKE_USAGE and record["client_disconnected"]
+    assert record["transport"] == "http" and tokens(record) == FAKE_USAGE
+    assert record["client_disconnected"], "the client left in the silence, before the terminal event: %s" % record
 
 
 def test_models_list_shows_the_upstream_models(keyed, store):
@@ -155,6 +156,23 @@ def test_models_list_shows_the_upstream_models(keyed, store):
     assert models.data[0].owned_by == "wsrelay-fake-upstream"
     assert_upstream_saw(app, "GET", "/v1/models")
     assert store.records == []
+
+
+def test_one_client_makes_several_calls_in_a_row_on_its_kept_alive_connection(keyed, store):
+    app, make_client = keyed
+    client = make_client()
+    first = client.responses.create(model=MODEL, input="hi")
+    with client.responses.create(model=MODEL, input="hi", stream=True) as stream:
+        assert [event.type for event in stream] == TURN
+    assert [model.id for model in client.models.list()] == [FAKE_MODEL]
+    last = client.responses.create(model=MODEL, input="hi", previous_response_id=first.id)
+    assert last.usage.total_tokens == 150
+    assert [(m, p) for m, p, _ in app.http_requests] == [("POST", "/v1/responses")] * 2 + [
+        ("GET", "/v1/models"), ("POST", "/v1/responses")]
+    records = store.wait(3)
+    assert stays_false(lambda: len(store.records) > 3, 0.3), store.records
+    assert [r["transport"] for r in records] == ["http"] * 3
+    assert records[0]["response_id"] == first.id and records[2]["response_id"] == last.id
 
 
 CALLS = {
