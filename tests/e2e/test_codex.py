@@ -18,6 +18,7 @@ import pytest
 from tests.codex import run_codex
 from tests.e2e.nginx import NGINX_MISSING_MESSAGE, NginxProxy, nginx_binary
 from tests.helpers import APP_KEEPALIVE_INTERVAL, port_of, wait_until
+from wsrelay.exchange import STAGE_APP, STAGE_SSE_OK
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -77,7 +78,7 @@ def assert_one_completed_turn(store, transport):
 
 
 def test_codex_over_http_completes_a_silent_turn_behind_nginx_kept_open_by_sse_comments(
-        fake, relay, store, tmp_path):
+        fake, relay, store, tracer, tmp_path):
     if nginx_binary() is None:
         pytest.fail(NGINX_MISSING_MESSAGE, pytrace=False)
     app, upstream_url = upstream_fake(fake, silence=SILENCE)
@@ -93,9 +94,10 @@ def test_codex_over_http_completes_a_silent_turn_behind_nginx_kept_open_by_sse_c
     assert len(responses_posts(app)) == 1 and app.handshakes == [], (app.http_requests, app.handshakes)
     assert responses_posts(app)[0][2]["accept"] == "text/event-stream"
     assert_upstream_saw_only_its_credential(app)
+    assert len(tracer.find(STAGE_SSE_OK)) >= SILENCE - 3 and not tracer.find(STAGE_APP), tracer.stages()
 
 
-def test_codex_over_http_outlasts_its_idle_watchdog_with_keepalive_events(fake, relay, store, tmp_path):
+def test_codex_over_http_outlasts_its_idle_watchdog_with_keepalive_events(fake, relay, store, tracer, tmp_path):
     app, upstream_url = upstream_fake(fake, silence=WATCHDOG_SILENCE)
     url = start_relay(relay, upstream_url, **{SSE_KEEPALIVE_INTERVAL: 1, APP_KEEPALIVE_INTERVAL: 1})
     run = run_codex(tmp_path, base_url(url), RELAY_KEY, stream_idle_timeout_ms=WATCHDOG_MS)
@@ -103,6 +105,7 @@ def test_codex_over_http_outlasts_its_idle_watchdog_with_keepalive_events(fake, 
     assert run.elapsed >= WATCHDOG_SILENCE, run.describe()
     assert_one_completed_turn(store, "http")
     assert len(responses_posts(app)) == 1, app.http_requests
+    assert len(tracer.find(STAGE_APP)) >= WATCHDOG_SILENCE - 3, tracer.stages()
 
 
 def test_codex_with_websockets_falls_back_to_http_when_the_upstream_refuses_websocket(
@@ -114,6 +117,11 @@ def test_codex_with_websockets_falls_back_to_http_when_the_upstream_refuses_webs
     # Codex asked for WebSocket; the relay's dial was refused, so was Codex's handshake; then came HTTP.
     refused = tracer.find("dial_failed")
     assert refused and all("426" in fields["error"] for fields in refused), tracer.events
+    tracer.wait_for("http_request")  # traced once the exchange has ended, maybe just after Codex exited
+    stages = tracer.stages()
+    requests = tracer.find("http_request")
+    assert [(r["method"], r["path"], r["status"]) for r in requests] == [("POST", "/v1/responses", 200)], requests
+    assert stages.index("http_request") > max(i for i, stage in enumerate(stages) if stage == "dial_failed")
     assert app.handshakes and app.connections == 0
     assert all(h.get("openai-beta", "").startswith("responses_websockets=") for h in app.handshakes)
     assert len(responses_posts(app)) == 1, app.http_requests
