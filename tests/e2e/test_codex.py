@@ -11,6 +11,7 @@ the run instead of being retried.
 - ``supports_websockets = true`` with an upstream that refuses WebSocket: Codex's handshake is refused and it
   falls back to HTTP/SSE through the relay.
 - ``supports_websockets = true`` with a WebSocket upstream: the turn goes over WebSocket.
+- A wrong relay key: Codex's request is refused with 401, the upstream sees nothing.
 """
 
 import pytest
@@ -137,3 +138,15 @@ def test_codex_with_websockets_completes_a_turn_over_websocket_through_the_relay
     assert_one_completed_turn(store, "websocket")
     assert app.connections >= 1 and app.http_requests == [], app.http_requests
     assert_upstream_saw_only_its_credential(app)
+
+
+def test_codex_with_a_wrong_relay_key_is_refused_over_http_and_the_upstream_sees_nothing(
+        fake, relay, store, tracer, tmp_path):
+    app, upstream_url = upstream_fake(fake)
+    url = start_relay(relay, upstream_url)
+    run = run_codex(tmp_path, base_url(url), "sk-not-a-relay-key")
+    # Codex prints the status and the message of OpenAI's error body.
+    assert run.rc not in (0, None) and "401 Unauthorized: invalid relay key" in run.stderr, run.describe()
+    tracer.wait_for("http_request")
+    assert [(r["method"], r["status"]) for r in tracer.find("http_request")] == [("POST", 401)]
+    assert app.http_requests == [] and app.handshakes == [] and store.records == []
