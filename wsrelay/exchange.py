@@ -20,6 +20,8 @@ import socket
 import time
 import uuid
 
+import gevent
+
 from . import sniff, usage
 from .httpclient import HOP_BY_HOP, HTTPUpstreamError, UpstreamHTTP
 from .keepalive import app_keepalive_choice
@@ -53,7 +55,41 @@ class Refusal(Exception):
 
 
 class ClientGone(Exception):
-    """The client stopped taking (or sending) bytes."""
+    """Thrown into an exchange waiting for the upstream when its client has closed the connection."""
+
+
+class ClientWatch:
+    """Notices a streamed response's client closing its connection while the relay waits for the upstream.
+
+    Once the request is read the client has nothing to send (a pipelined next request aside): its socket
+    turning readable means EOF or a reset — or that next request, which a one-byte peek tells apart.  Without
+    this a client that left during a silent stretch would only be noticed at the next write, and a write into
+    the kernel's buffer can succeed after the client has gone.
+    """
+
+    def __init__(self, sock, on_gone):
+        self.sock = sock
+        self.on_gone = on_gone
+        self.watcher = gevent.get_hub().loop.io(sock.fileno(), 1)
+        self.watcher.start(self._readable)
+
+    def _readable(self):
+        self.stop()
+        gevent.spawn(self._peek)
+
+    def _peek(self):
+        try:
+            data = self.sock.recv(1, socket.MSG_PEEK)
+        except (OSError, socket.timeout):
+            data = b""
+        if not data:
+            self.on_gone()
+
+    def stop(self):
+        if self.watcher is not None:
+            self.watcher.stop()
+            self.watcher.close()
+            self.watcher = None
 
 
 def route(path):
@@ -118,6 +154,8 @@ class Exchange:
         self.ledger = None
         self.write = None
         self.body_read = False
+        self.waiting = False  # blocked reading the upstream (a departing client may interrupt it)
+        self.greenlet = gevent.getcurrent()
 
     def trace(self, stage, **fields):
         self.app.tracer.emit(stage, request_id=self.id, **fields)
@@ -130,7 +168,12 @@ class Exchange:
                 raise Refusal(503, "shutting_down", "the relay is shutting down", [("Retry-After", "5")])
             self.key_id, authorization = self.app.authorize(self.environ)
             with self.app.admitted(self.key_id):
-                self._forward(authorization)
+                self.transport.live.add(self)
+                try:
+                    self._forward(authorization)
+                finally:
+                    self.transport.live.discard(self)
+                    self._settle(usage.RELAY_SESSION_CLOSED)  # killed mid-turn: still on the books
         except Refusal as refusal:
             return self.refuse(refusal)
         finally:
@@ -233,10 +276,49 @@ class Exchange:
         self.write = self.start_response(_status_line(response.status, response), headers)
         if response.status >= 400:
             self.ledger = None  # refused before any turn ran: the status is in the trace, there is nothing to bill
-        if streaming and self.kind == RESPONSES and self.ledger is not None and response.status < 400:
-            self._relay_events(response)
-        else:
-            self._relay_body(response, content_type)
+        watch = ClientWatch(self.handler.socket, self._client_closed) if self.handler is not None else None
+        try:
+            if streaming and self.kind == RESPONSES and self.ledger is not None:
+                self._relay_events(response)
+            else:
+                self._relay_body(response, content_type)
+        finally:
+            if watch is not None:
+                watch.stop()
+
+    def _client_closed(self):
+        if not self.client_open:
+            return
+        self._client_lost("client closed the connection")
+        greenlet = self.greenlet
+
+        def interrupt():
+            if self.waiting:  # blocked on the upstream: the drain's deadline starts now
+                greenlet.throw(ClientGone())
+
+        gevent.get_hub().loop.run_callback(interrupt)
+
+    def _client_lost(self, error):
+        self.client_open = False
+        self.client_disconnected = True
+        self._abandon()
+        self.trace("http_client_gone", error=error, turn_in_flight=bool(self.ledger and self.ledger.in_flight))
+
+    def _read(self, response, timeout):
+        """``response.read_some`` that a departing client interrupts (:class:`ClientGone`)."""
+        self.waiting = True
+        try:
+            return response.read_some(timeout)
+        finally:
+            self.waiting = False
+
+    def stop(self):
+        """The server stops without grace: cut the client off; the upstream is drained as for a client that left."""
+        if self.handler is not None and self.client_open:
+            try:
+                self.handler.socket.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
     def _send(self, data):
         """Write to the client while it is there; returns False once it is gone."""
@@ -245,11 +327,7 @@ class Exchange:
         try:
             self.write(data)
         except (OSError, socket.timeout) as exc:
-            self.client_open = False
-            self.client_disconnected = True
-            self._abandon()
-            self.trace("http_client_gone", error=str(exc)[:200] or exc.__class__.__name__,
-                       turn_in_flight=bool(self.ledger and self.ledger.in_flight))
+            self._client_lost(str(exc)[:200] or exc.__class__.__name__)
             return False
         self.bytes_down += len(data)
         return True
@@ -266,8 +344,12 @@ class Exchange:
         limit = self.config.usage.max_event_bytes
         deadline = None
         while True:
+            if not self.client_open and deadline is None:
+                deadline = time.monotonic() + self.settings.upstream_drain_timeout_seconds
             try:
-                data = response.read_some(_left(deadline))
+                data = self._read(response, _left(deadline))
+            except ClientGone:
+                continue
             except (socket.timeout, HTTPUpstreamError) as exc:
                 self._upstream_broke(exc, deadline)
                 if deadline is not None:
@@ -282,8 +364,7 @@ class Exchange:
                     keep += data
                 else:
                     keep = None
-            if not self._send(data) and deadline is None:
-                deadline = time.monotonic() + self.settings.upstream_drain_timeout_seconds
+            self._send(data)
         if keep:
             self._bill_json(bytes(keep))
         self._settle(usage.RELAY_UPSTREAM_LOST)
@@ -315,6 +396,8 @@ class Exchange:
         last_up = last_write = last_business = now
         deadline = None  # the drain's, once the client is gone
         while True:
+            if not self.client_open and deadline is None:
+                deadline = self._start_drain(now)
             wait = last_up + read_timeout - now
             keepalive = self.client_open and reader.events and reader.at_boundary and ledger.in_flight
             if keepalive:
@@ -325,7 +408,10 @@ class Exchange:
             if deadline is not None:
                 wait = min(wait, deadline - now)
             try:
-                data = response.read_some(max(wait, 0.001))
+                data = self._read(response, max(wait, 0.001))
+            except ClientGone:
+                now = time.monotonic()
+                continue
             except socket.timeout:
                 now = time.monotonic()
                 if deadline is not None and now >= deadline:
@@ -345,8 +431,6 @@ class Exchange:
                         last_write = now
                         self.keepalives += 1
                         self.trace(STAGE_SSE_OK, direction=DIRECTION, graceful=True, wrote_downstream=True)
-                if not self.client_open and deadline is None:
-                    deadline = self._start_drain(now)
                 continue
             except HTTPUpstreamError as exc:
                 self._upstream_broke(exc, deadline)
@@ -360,8 +444,6 @@ class Exchange:
             last_up = now
             if self._send(data):
                 last_write = last_business = now
-            elif deadline is None:
-                deadline = self._start_drain(now)
             for event in reader.feed(data):
                 self.events += 1
                 if event.event in usage.LEDGER_EVENTS or (
@@ -388,7 +470,7 @@ class Exchange:
         self._abandon()
 
     def _settle(self, reason):
-        if self.ledger is not None:
+        if self.ledger is not None:  # idempotent: a settled ledger has nothing left to record
             if self.ledger.in_flight:
                 self._record(self.ledger.abandon(reason, self.client_disconnected))
             self._record(self.ledger.close())
@@ -406,6 +488,7 @@ class HTTPTransport:
 
     def __init__(self, app):
         self.app = app
+        self.live = set()  # the exchanges in progress
         self._client = None
         self._client_key = None
 

@@ -11,7 +11,7 @@ according to ``mode``:
 ``close-mid``  WebSocket: a close frame 1011 in the middle of the turn; HTTP: the event stream ends there
 ``drop-mid``   a TCP reset in the middle of the turn (no close frame, no end of the HTTP body)
 ``echo``       no Responses events: every data message comes back as it was sent (same opcode); over HTTP the
-               request body comes back as JSON
+               request body of any POST comes back as JSON
 
 ``refuse_websocket`` (an HTTP status, e.g. 426) makes it an HTTP-only upstream: every WebSocket handshake is
 answered with that status and an OpenAI-shaped JSON error (a client such as Codex then falls back to HTTP).
@@ -164,6 +164,7 @@ class FakeUpstream:
         self.refuse_websocket = refuse_websocket
         self.handshakes = []
         self.http_requests = []   # (method, path, headers) of each HTTP request
+        self.http_peers = []      # the client port of each HTTP request (one per upstream connection)
         self.closes = []          # (code, reason) of each close frame a client sent
         self.connections = 0
 

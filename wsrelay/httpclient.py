@@ -196,9 +196,11 @@ class UpstreamResponse:
                 raise HTTPUpstreamError(502, "upstream_lost", "upstream connection failed mid-body: %s"
                                         % _describe(exc))
             try:
-                r.feed(data)
+                r.feed(data)  # b"": the end of a body delimited by the connection's close, or a cut one
             except HTTPParseError as exc:
                 self._drop()
+                if not data:
+                    raise HTTPUpstreamError(502, "upstream_lost", "upstream connection closed mid-body")
                 raise HTTPUpstreamError(502, "upstream_bad_response", "upstream sent an invalid body: %s"
                                         % _describe(exc))
             if not data and not r.message_complete:

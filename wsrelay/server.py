@@ -185,6 +185,9 @@ class RelayApp:
         self.accepting = False
         for session in list(self.sessions):
             session.shutdown(force)
+        if force:
+            for live in list(self.http.live):
+                live.stop()
 
 
 def _json(start_response, status, payload):
@@ -248,6 +251,7 @@ def stop(server, config, tracer, grace=None):
     server.close()  # stop accepting; live handlers go on
     end_sessions(server.app, config, tracer, grace)
     server.stop(timeout=1)
+    server.app.http.close()
 
 
 def end_sessions(app, config, tracer, grace=None):
