@@ -386,6 +386,11 @@ def _status_error(status, headers):
     if status == 429:
         return DialError(429, "rate_limit_exceeded", "upstream rate limit reached (HTTP 429)",
                          retry_after=headers.get("retry-after"))
+    if status == 426:
+        # The upstream serves Responses over HTTP only: Codex falls back to HTTP at once on a 426 (after a
+        # 502 only once its retries are spent), and the relay serves that transport too.
+        return DialError(426, "websocket_not_supported", "upstream does not take WebSocket connections; use "
+                         "the HTTP transport (POST /v1/responses)")
     return DialError(502, "upstream_handshake_refused", "upstream refused the WebSocket handshake (HTTP %d)" % status)
 
 
