@@ -14,7 +14,6 @@ When the client leaves mid-stream, the upstream is read on (bounded by the drain
 and the turn is recorded with ``client_disconnected=true`` — one record per response.
 """
 
-import http
 import json
 import socket
 import time
@@ -23,105 +22,20 @@ import uuid
 import gevent
 
 from . import sniff, usage
-from .httpclient import HOP_BY_HOP, HTTPUpstreamError, UpstreamHTTP
+from .clientwatch import ClientGone, ClientWatch
+from .httpclient import HTTPUpstreamError, UpstreamHTTP
+from .httproutes import (RESPONSE_HOP_BY_HOP, RESPONSES, Refusal, content_length, status_line_for,
+                         upstream_headers)
 from .keepalive import app_keepalive_choice
 from .sse import APP_KEEPALIVE_EVENT, KEEPALIVE_COMMENT, SseReader
 from .websocket import error_body
 
-RESPONSES = "responses"
-PASSTHROUGH = "passthrough"
-RESPONSES_PATHS = frozenset(("/v1/responses", "/responses", "/backend-api/codex/responses"))
-PREFIXES = ("/v1/", "/backend-api/codex/")
-# Response headers that stay with the relay: framing, the upstream's own identity, and its cookies (they belong
-# to the relay's credential, not to this client).
-RESPONSE_HOP_BY_HOP = (HOP_BY_HOP - {"content-length"}) | {"set-cookie", "date", "server"}
 BLOCK = 65536
 STAGE_SSE_OK = "downstream_sse_keepalive_ok"
 STAGE_APP = "downstream_app_keepalive"
 DIRECTION = "downstream_keepalive"
 _TERMINAL_STATUS = {"completed": "response.completed", "failed": "response.failed",
                     "incomplete": "response.incomplete", "cancelled": "response.incomplete"}
-
-
-class Refusal(Exception):
-    """A request the relay answers itself: ``status``, ``code`` and ``message`` go into OpenAI's error shape."""
-
-    def __init__(self, status, code, message, headers=()):
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-        self.headers = list(headers)
-
-
-class ClientGone(Exception):
-    """Thrown into an exchange waiting for the upstream when its client has closed the connection."""
-
-
-class ClientWatch:
-    """Notices a streamed response's client closing its connection while the relay waits for the upstream.
-
-    Once the request is read the client has nothing to send (a pipelined next request aside): its socket
-    turning readable means EOF or a reset — or that next request, which a one-byte peek tells apart.  Without
-    this a client that left during a silent stretch would only be noticed at the next write, and a write into
-    the kernel's buffer can succeed after the client has gone.
-    """
-
-    def __init__(self, sock, on_gone):
-        self.sock = sock
-        self.on_gone = on_gone
-        self.watcher = gevent.get_hub().loop.io(sock.fileno(), 1)
-        self.watcher.start(self._readable)
-
-    def _readable(self):
-        self.stop()
-        gevent.spawn(self._peek)
-
-    def _peek(self):
-        try:
-            data = self.sock.recv(1, socket.MSG_PEEK)
-        except (OSError, socket.timeout):
-            data = b""
-        if not data:
-            self.on_gone()
-
-    def stop(self):
-        if self.watcher is not None:
-            self.watcher.stop()
-            self.watcher.close()
-            self.watcher = None
-
-
-def route(path):
-    """``(route, target)`` of a request path: the Responses route with the upstream path ``/responses``, a
-    passthrough path under the base URL, or ``(None, None)``."""
-    if path in RESPONSES_PATHS:
-        return RESPONSES, "/responses"
-    for prefix in PREFIXES:
-        if path.startswith(prefix):
-            return PASSTHROUGH, path[len(prefix) - 1:]
-    if path == "/models":
-        return PASSTHROUGH, path
-    return None, None
-
-
-def upstream_headers(environ, authorization):
-    """The client's request headers for the upstream: all but hop-by-hop ones (and those its Connection header
-    names), its credentials and cookies, and its Accept-Encoding (the relay reads what it relays)."""
-    drop = set(HOP_BY_HOP) | {"authorization", "cookie", "accept-encoding"}
-    drop.update(t.strip().lower() for t in environ.get("HTTP_CONNECTION", "").split(","))
-    out = []
-    for key, value in environ.items():
-        if key.startswith("HTTP_"):
-            name = key[5:].replace("_", "-").lower()
-            if name not in drop:
-                out.append((name, value))  # latin-1 text, as WSGI decoded it: the same bytes go back out
-    if environ.get("CONTENT_TYPE"):
-        out.append(("content-type", environ["CONTENT_TYPE"]))
-    if authorization:
-        out.append(("authorization", authorization))
-    out.append(("accept-encoding", "identity"))
-    return out
 
 
 class Exchange:
@@ -196,12 +110,12 @@ class Exchange:
                 self.environ.get("CONTENT_LENGTH") not in (None, "", "0")
                 or "chunked" in self.environ.get("HTTP_TRANSFER_ENCODING", "").lower()):
             self.handler.close_connection = True  # the request body was not read: the connection cannot go on
-        self.start_response(_status_line(refusal.status), [("Content-Type", "application/json"),
+        self.start_response(status_line_for(refusal.status), [("Content-Type", "application/json"),
                                                            ("Content-Length", str(len(body)))] + refusal.headers)
         return [body]
 
     def _forward(self, authorization):
-        length = _content_length(self.environ)
+        length = content_length(self.environ)
         limit = self.settings.max_request_body_bytes
         if length is not None and length > limit:
             raise Refusal(413, "request_too_large", "the request body is %d bytes; the limit is %d"
@@ -235,7 +149,7 @@ class Exchange:
     def _read_body(self, limit):
         stream = self.environ["wsgi.input"]
         try:
-            body = stream.read(limit + 1) if _content_length(self.environ) is None else stream.read()
+            body = stream.read(limit + 1) if content_length(self.environ) is None else stream.read()
         except socket.timeout:
             raise Refusal(408, "request_timeout", "the request body did not arrive in time")
         except (OSError, ValueError) as exc:
@@ -273,7 +187,7 @@ class Exchange:
         streaming = content_type.startswith("text/event-stream")
         if self.handler is not None:
             self.handler.stream_response(self.settings.write_timeout_seconds)
-        self.write = self.start_response(_status_line(response.status, response), headers)
+        self.write = self.start_response(status_line_for(response.status, response), headers)
         if response.status >= 400:
             self.ledger = None  # refused before any turn ran: the status is in the trace, there is nothing to bill
         watch = ClientWatch(self.handler.socket, self._client_closed) if self.handler is not None else None
@@ -520,28 +434,7 @@ class HTTPTransport:
             self._client = None
 
 
-def _content_length(environ):
-    value = environ.get("CONTENT_LENGTH")
-    if not value:
-        return None
-    try:
-        length = int(value)
-    except ValueError:
-        raise Refusal(400, "bad_request", "Content-Length is not a number")
-    if length < 0:
-        raise Refusal(400, "bad_request", "Content-Length is negative")
-    return length
-
-
 def _left(deadline):
     if deadline is None:
         return None
     return max(deadline - time.monotonic(), 0.001)
-
-
-def _status_line(status, response=None):
-    try:
-        reason = http.HTTPStatus(status).phrase
-    except ValueError:
-        reason = (response.reason if response is not None else None) or "Unknown"
-    return "%d %s" % (status, reason)

@@ -13,10 +13,10 @@ import struct
 
 import gevent
 
+from .httproutes import RESPONSES_PATHS
 from .sse import encode_event
 from .websocket import error_body, status_line
 
-RESPONSES_PATHS = frozenset(("/v1/responses", "/responses", "/backend-api/codex/responses"))
 MODELS_PATHS = frozenset(("/v1/models", "/models"))
 MAX_BODY = 64 * 1024 * 1024
 MODEL = "gpt-fake"

@@ -10,18 +10,16 @@ import time
 import gevent
 import gevent.event
 
-from . import auth, exchange, upstream
+from . import auth, httproutes, upstream
 from .config import ConfigError
-from .exchange import HTTPTransport, Refusal
+from .exchange import HTTPTransport
+from .httproutes import Refusal
 from .handshake import HandshakeGuard, RelayServer
 from .keepalive import app_keepalive_choice
 from .metrics import Metrics
 from .systemd import Notifier
 from .session import Session
 from .websocket import RelayHandler, error_body, header_tokens, status_line
-
-ROUTES = frozenset(("/v1/responses", "/responses", "/backend-api/codex/responses"))
-
 
 class RelayApp:
     """The WSGI application (plain HTTP) plus ``accept_websocket`` for upgrades (see :class:`RelayHandler`)."""
@@ -58,8 +56,8 @@ class RelayApp:
             content_type, body = self.metrics.render()
             start_response("200 OK", [("Content-Type", content_type), ("Content-Length", str(len(body)))])
             return [body]
-        kind, target = exchange.route(path)
-        if kind == exchange.RESPONSES and environ.get("REQUEST_METHOD") != "POST":
+        kind, target = httproutes.route(path)
+        if kind == httproutes.RESPONSES and environ.get("REQUEST_METHOD") != "POST":
             body = error_body(426, "websocket_required", "%s takes POST (HTTP transport) or an Upgrade: websocket "
                               "request (WebSocket transport)" % path)
             start_response(status_line(426), [("Content-Type", "application/json"), ("Upgrade", "websocket"),
@@ -82,7 +80,7 @@ class RelayApp:
     def accept_websocket(self, handler):
         environ = handler.environ
         path = environ.get("PATH_INFO", "")
-        if path not in ROUTES:
+        if path not in httproutes.RESPONSES_PATHS:
             return self.refuse(handler, 404, "not_found", "no WebSocket route for %s" % path[:200])
         if not self.accepting:
             return self.refuse(handler, 503, "shutting_down", "the relay is shutting down", [("Retry-After", "5")])

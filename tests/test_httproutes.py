@@ -2,7 +2,7 @@
 
 import pytest
 
-from wsrelay.exchange import PASSTHROUGH, RESPONSES, route, upstream_headers
+from wsrelay.httproutes import PASSTHROUGH, RESPONSES, route, upstream_headers
 
 
 @pytest.mark.parametrize("path, expected", [
