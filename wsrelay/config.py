@@ -85,8 +85,9 @@ SETTINGS = (
     Setting("server.port", int, 8080, "TCP port to listen on.", minimum=0, maximum=65535),
     Setting("server.backlog", int, 1024, "Listen backlog.", minimum=1),
     Setting("server.max_connections", int, 10000,
-            "Live WebSocket sessions the relay holds at most; past it an upgrade gets 503 with Retry-After. "
-            "Each session holds two sockets: keep it under half the open-file limit.", minimum=1),
+            "Live WebSocket sessions and HTTP requests in flight the relay holds at most; past it an upgrade or a "
+            "request gets 503 with Retry-After. Each holds two sockets: keep it under half the open-file limit.",
+            minimum=1),
     Setting("server.allowed_origins", list, [],
             "Origins a browser client may connect from (exact match, e.g. https://app.example.com). Empty: any. "
             "Requests without an Origin header (Codex, SDKs) are always allowed."),
@@ -157,8 +158,8 @@ SETTINGS = (
     Setting(_WS + "client_read_limit_bytes", int, 64 * MiB,
             "Largest client message accepted; a larger one is refused with close code 1009.", minimum=1),
     Setting(_WS + "max_ingress_connections_per_api_key", int, 64,
-            "Concurrent sessions one relay key (or, in passthrough, one client credential) may hold; past it an "
-            "upgrade gets 429 with Retry-After.", minimum=1),
+            "Concurrent sessions and HTTP requests in flight one relay key (or, in passthrough, one client "
+            "credential) may hold; past it an upgrade or a request gets 429 with Retry-After.", minimum=1),
     Setting(_WS + "client_first_message_timeout_seconds", float, 30.0,
             "A client that sends no response.create this long after connecting is closed with 1008. 0 disables.",
             minimum=0),
