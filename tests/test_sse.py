@@ -62,3 +62,18 @@ def test_an_event_past_the_limit_is_dispatched_without_its_data_and_the_next_is_
 def test_a_long_comment_does_not_cost_the_next_event_its_data():
     events, reader = read_all(b":" + b"c" * 5000 + b"\n" + encode_event(COMPLETED), max_event_bytes=1024)
     assert json.loads(events[0].data) == COMPLETED and reader.comments == 1
+
+
+def test_at_boundary_only_between_events():
+    reader = SseReader()
+    assert reader.at_boundary
+    reader.feed(b"event: response.created\n")
+    assert not reader.at_boundary  # a field of the next event was read
+    reader.feed(b"data: {}\n")
+    assert not reader.at_boundary
+    reader.feed(b"\n")
+    assert reader.at_boundary
+    reader.feed(b"data: {\"a\"")
+    assert not reader.at_boundary  # inside a line
+    reader.feed(b"}\n\n: comment\n")
+    assert reader.at_boundary

@@ -27,6 +27,7 @@ def http_exchange(app, environ, start_response, turn_events):
     method, path = environ.get("REQUEST_METHOD", ""), environ.get("PATH_INFO", "")
     app.http_requests.append((method, path, {k[5:].replace("_", "-").lower(): v for k, v in environ.items()
                                              if k.startswith("HTTP_")}))
+    app.http_peers.append(environ.get("REMOTE_PORT"))
     if app.require_authorization and environ.get("HTTP_AUTHORIZATION") != app.require_authorization:
         return _error(start_response, 401, "invalid_api_key", "fake upstream: wrong credential")
     if path in MODELS_PATHS:
@@ -34,7 +35,7 @@ def http_exchange(app, environ, start_response, turn_events):
             return _error(start_response, 405, "method_not_allowed", "use GET")
         return _json(start_response, 200, {"object": "list", "data": [
             {"id": MODEL, "object": "model", "created": 0, "owned_by": "wsrelay-fake-upstream"}]})
-    if path not in RESPONSES_PATHS:
+    if path not in RESPONSES_PATHS and not (app.mode == "echo" and method == "POST"):
         return _error(start_response, 404, "not_found", "fake upstream: no route for %s" % path[:200])
     if method != "POST":
         return _error(start_response, 405, "method_not_allowed", "use POST")
@@ -42,10 +43,14 @@ def http_exchange(app, environ, start_response, turn_events):
         length = int(environ.get("CONTENT_LENGTH") or 0)
     except ValueError:
         length = -1
+    chunked = "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower()
     if not 0 <= length <= MAX_BODY:
         return _error(start_response, 413, "request_too_large", "the body must be at most %d bytes" % MAX_BODY)
+    body = environ["wsgi.input"].read(MAX_BODY + 1) if chunked else environ["wsgi.input"].read(length)
+    if len(body) > MAX_BODY:
+        return _error(start_response, 413, "request_too_large", "the body must be at most %d bytes" % MAX_BODY)
     try:
-        request = json.loads(environ["wsgi.input"].read(length) or b"null")
+        request = json.loads(body or b"null")
     except ValueError:
         request = None
     if not isinstance(request, dict):

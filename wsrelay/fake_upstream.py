@@ -11,7 +11,7 @@ according to ``mode``:
 ``close-mid``  WebSocket: a close frame 1011 in the middle of the turn; HTTP: the event stream ends there
 ``drop-mid``   a TCP reset in the middle of the turn (no close frame, no end of the HTTP body)
 ``echo``       no Responses events: every data message comes back as it was sent (same opcode); over HTTP the
-               request body comes back as JSON
+               request body of any POST comes back as JSON
 
 A ``response.create`` with ``"generate": false`` (Codex's prewarm) is answered with ``response.created`` and a
 ``response.completed`` with zero usage, whatever the mode.  A non-streaming request gets the final Response
@@ -153,6 +153,7 @@ class FakeUpstream:
         self.require_authorization = require_authorization
         self.handshakes = []
         self.http_requests = []   # (method, path, headers) of each HTTP request
+        self.http_peers = []      # the client port of each HTTP request (one per upstream connection)
         self.closes = []          # (code, reason) of each close frame a client sent
         self.connections = 0
 

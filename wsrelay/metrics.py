@@ -46,6 +46,11 @@ class Metrics:
         self.accept_pauses = Counter("wsrelay_accept_pauses", "Bursts of accept() failures for lack of "
                                      "descriptors or memory (accepting paused), by error", ["error"],
                                      registry=registry)
+        self.http_requests = Counter("wsrelay_http_requests", "HTTP transport requests by route (responses, "
+                                     "passthrough) and the status answered", ["route", "status"], registry=registry)
+        self.http_keepalives = Counter("wsrelay_http_keepalives", "Keepalives written into HTTP event streams, by "
+                                       "kind (comment: ': keepalive'; app: the event Codex's watchdog counts)",
+                                       ["kind"], registry=registry)
         self.lingering_closes = Counter("wsrelay_lingering_closes", "Lingering closes after the relay's own close, "
                                         "by side and how they ended (close, eof, reset, timeout, idle, max_bytes)",
                                         ["side", "outcome"], registry=registry)
@@ -99,6 +104,13 @@ def _usage(metrics, fields):
             metrics.tokens.labels(model, kind).inc(value)
 
 
+def _http_request(metrics, fields):
+    metrics.http_requests.labels(str(fields.get("route")), str(fields.get("status"))).inc()
+    for kind, name in (("comment", "keepalives"), ("app", "app_keepalives")):
+        if fields.get(name):
+            metrics.http_keepalives.labels(kind).inc(fields[name])
+
+
 _HANDLERS = {
     "dial_ok": _dial_ok,
     "dial_failed": _dial_failed,
@@ -113,6 +125,7 @@ _HANDLERS = {
     "handshake_timeout": lambda m, f: m.handshake_timeouts.labels(str(f.get("request_line")).lower()).inc(),
     "accept_failed": lambda m, f: m.accept_pauses.labels(str(f.get("error"))).inc(),
     "usage_recorded": _usage,
+    "http_request": _http_request,
     "lingering_close": lambda m, f: m.lingering_closes.labels(str(f.get("side")), str(f.get("outcome"))).inc(),
 }
 

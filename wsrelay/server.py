@@ -1,6 +1,7 @@
 """The relay server: routes, authentication, the upstream dial before the 101, and one Session per client."""
 
 import collections
+import contextlib
 import json
 import signal
 import ssl
@@ -9,8 +10,9 @@ import time
 import gevent
 import gevent.event
 
-from . import auth, upstream
+from . import auth, exchange, upstream
 from .config import ConfigError
+from .exchange import HTTPTransport, Refusal
 from .handshake import HandshakeGuard, RelayServer
 from .keepalive import app_keepalive_choice
 from .metrics import Metrics
@@ -36,6 +38,7 @@ class RelayApp:
         self.connections = 0
         self.handshake_guard = HandshakeGuard(self)  # the connections whose request head is awaited
         self.accepting = True
+        self.http = HTTPTransport(self)
         self.metrics = Metrics(self, store)
         tracer.listeners.append(self.metrics.observe)
 
@@ -55,12 +58,16 @@ class RelayApp:
             content_type, body = self.metrics.render()
             start_response("200 OK", [("Content-Type", content_type), ("Content-Length", str(len(body)))])
             return [body]
-        if path in ROUTES:
-            body = error_body(426, "websocket_required",
-                              "%s is a WebSocket endpoint: connect with an Upgrade: websocket request" % path)
+        kind, target = exchange.route(path)
+        if kind == exchange.RESPONSES and environ.get("REQUEST_METHOD") != "POST":
+            body = error_body(426, "websocket_required", "%s takes POST (HTTP transport) or an Upgrade: websocket "
+                              "request (WebSocket transport)" % path)
             start_response(status_line(426), [("Content-Type", "application/json"), ("Upgrade", "websocket"),
-                                              ("Connection", "Upgrade"), ("Content-Length", str(len(body)))])
+                                              ("Connection", "Upgrade"), ("Content-Length", str(len(body))),
+                                              ("Allow", "POST")])
             return [body]
+        if kind is not None:
+            return self.http(environ, start_response, kind, target)
         body = error_body(404, "not_found", "no route for %s" % path[:200])
         start_response(status_line(404), [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
         return [body]
@@ -82,32 +89,45 @@ class RelayApp:
         origin = environ.get("HTTP_ORIGIN")
         if origin and self.allowed_origins and origin.rstrip("/") not in self.allowed_origins:
             return self.refuse(handler, 403, "origin_not_allowed", "origin %s is not allowed" % origin[:200])
+        try:
+            key_id, authorization = self.authorize(environ)
+            with self.admitted(key_id):
+                self._relay(handler, environ, key_id, authorization)
+        except Refusal as refusal:
+            self.refuse(handler, refusal.status, refusal.code, refusal.message, refusal.headers)
+
+    def authorize(self, environ):
+        """``(key_id, authorization)`` for a client request, both transports: the key's id (None without one)
+        and the Authorization the upstream gets.  Raises :class:`Refusal` (401, or 503 without a credential)."""
         client_authorization = environ.get("HTTP_AUTHORIZATION")
         token = auth.bearer_token(client_authorization)
         if self.keys.enabled:
             if not self.keys.check(token):
                 message = ("missing relay key: send Authorization: Bearer <key>" if token is None
                            else "invalid relay key")
-                return self.refuse(handler, 401, "invalid_api_key", message, [("WWW-Authenticate", "Bearer")])
+                raise Refusal(401, "invalid_api_key", message, [("WWW-Authenticate", "Bearer")])
             credential = self.config.upstream_api_key()
             if not credential:
-                return self.refuse(handler, 503, "upstream_credential_missing",
-                                   "the relay has no upstream credential configured")
+                raise Refusal(503, "upstream_credential_missing", "the relay has no upstream credential configured")
             authorization = "Bearer " + credential
         else:
             authorization = client_authorization  # passthrough: the client's own credential goes upstream
-        key_id = auth.key_id(token) if token else None
+        return (auth.key_id(token) if token else None), authorization
+
+    @contextlib.contextmanager
+    def admitted(self, key_id):
+        """Count a WebSocket session or an HTTP request in flight against the connection limit and its key's
+        limit while the block runs.  Raises :class:`Refusal` (503 or 429) when either is reached."""
         if self.connections >= self.config.server.max_connections:
-            return self.refuse(handler, 503, "server_busy", "the relay is at its connection limit (%d)"
-                               % self.config.server.max_connections, [("Retry-After", "1")])
+            raise Refusal(503, "server_busy", "the relay is at its connection limit (%d)"
+                          % self.config.server.max_connections, [("Retry-After", "1")])
         if self.per_key[key_id] >= self.config.gateway.openai_ws.max_ingress_connections_per_api_key:
-            return self.refuse(handler, 429, "too_many_connections",
-                               "this key already holds %d concurrent sessions" % self.per_key[key_id],
-                               [("Retry-After", "1")])
+            raise Refusal(429, "too_many_connections", "this key already holds %d concurrent sessions or requests"
+                          % self.per_key[key_id], [("Retry-After", "1")])
         self.per_key[key_id] += 1
         self.connections += 1
         try:
-            self._relay(handler, environ, key_id, authorization)
+            yield
         finally:
             self.connections -= 1
             self.per_key[key_id] -= 1
@@ -165,6 +185,9 @@ class RelayApp:
         self.accepting = False
         for session in list(self.sessions):
             session.shutdown(force)
+        if force:
+            for live in list(self.http.live):
+                live.stop()
 
 
 def _json(start_response, status, payload):
@@ -228,6 +251,7 @@ def stop(server, config, tracer, grace=None):
     server.close()  # stop accepting; live handlers go on
     end_sessions(server.app, config, tracer, grace)
     server.stop(timeout=1)
+    server.app.http.close()
 
 
 def end_sessions(app, config, tracer, grace=None):

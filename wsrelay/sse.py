@@ -55,6 +55,11 @@ class SseReader:
         self._line_cut = False  # the line being read was longer than an event may be
         self._id = ""
 
+    @property
+    def at_boundary(self):
+        """Between two events: bytes written now (a comment, an event of the relay's) cannot split one."""
+        return not self._line and not self._line_cut and not self._has_data and not self._event
+
     def feed(self, chunk):
         out = []
         if not chunk:

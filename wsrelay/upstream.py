@@ -253,21 +253,34 @@ def _open_tcp(host, port, timeout):
     raise error or OSError("no address for %s" % host)
 
 
-def _connect(url, timeout, context):
-    """TCP (and TLS for wss://) to the upstream; websocket-client then speaks the handshake over it."""
+def split_url(url):
+    """``urllib.parse.urlsplit``, with a clear error for a URL that has no host."""
     parts = urllib.parse.urlsplit(url)
-    secure = parts.scheme == "wss"
-    host = parts.hostname
-    port = parts.port or (443 if secure else 80)
+    if not parts.hostname:
+        raise ValueError("no host in URL %r" % url)
+    return parts
+
+
+def open_socket(host, port, timeout, context=None):
+    """TCP to ``host:port`` (through the resolver cache) with TCP_NODELAY, and TLS over it when ``context``
+    is given (verifying ``host``)."""
     sock = _open_tcp(host, port, timeout)
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if secure:
-            sock = (context or tls_context()).wrap_socket(sock, server_hostname=host)
+        if context is not None:
+            sock = context.wrap_socket(sock, server_hostname=host)
     except BaseException:
         sock.close()
         raise
     return sock
+
+
+def _connect(url, timeout, context):
+    """TCP (and TLS for wss://) to the upstream; websocket-client then speaks the handshake over it."""
+    parts = split_url(url)
+    secure = parts.scheme == "wss"
+    return open_socket(parts.hostname, parts.port or (443 if secure else 80), timeout,
+                       (context or tls_context()) if secure else None)
 
 
 class _HandshakeReader:

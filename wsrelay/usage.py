@@ -165,7 +165,7 @@ class UsageRecord:
     client_disconnected: bool = False
     started_at: float = 0.0
     duration_ms: int = 0
-    transport: str = "websocket"  # how the client reached the relay (the HTTP/SSE transport will say "http")
+    transport: str = "websocket"  # how the client reached the relay: "websocket" or "http"
 
     def to_dict(self):
         return asdict(self)
@@ -231,9 +231,10 @@ class TurnLedger:
     into it, so the response is billed once.
     """
 
-    def __init__(self, session_id, key_id=None, clock=time.time):
+    def __init__(self, session_id, key_id=None, clock=time.time, transport="websocket"):
         self.session_id = session_id
         self.key_id = key_id
+        self.transport = transport
         self._clock = clock
         self._open = []  # _Turn, in request order
         self._pending_error = None
@@ -292,7 +293,8 @@ class TurnLedger:
             out.append(UsageRecord(
                 session_id=self.session_id, response_id=turn.response_id, model=turn.model_hint,
                 key_id=self.key_id, terminal_event=terminal_event, client_disconnected=bool(client_disconnected),
-                started_at=turn.started_at, duration_ms=_elapsed_ms(turn.started_at, now)))
+                started_at=turn.started_at, duration_ms=_elapsed_ms(turn.started_at, now),
+                transport=self.transport))
         return out
 
     def close(self):
@@ -348,6 +350,7 @@ class TurnLedger:
             client_disconnected=bool(client_disconnected),
             started_at=started,
             duration_ms=_elapsed_ms(started, now),
+            transport=self.transport,
             **extract_usage(event))
 
     def _merge_failed(self, event, client_disconnected, now):

@@ -139,7 +139,12 @@ class RelayHandler(WebSocketHandler):
     def run_application(self):
         accept = getattr(self.application, "accept_websocket", None)
         if accept is None or not is_upgrade_request(self.environ):
-            return super(WebSocketHandler, self).run_application()  # pywsgi's plain WSGI path
+            self.environ["wsrelay.handler"] = self  # for stream_response() and abandon_response()
+            timeout = self.socket.gettimeout()
+            try:
+                return super(WebSocketHandler, self).run_application()  # pywsgi's plain WSGI path
+            finally:
+                self.socket.settimeout(timeout)  # a stream's write timeout ends with its response
         problem = check_handshake(self.environ, self.request_version)
         if problem is not None:
             status, code, message, headers = problem
@@ -181,6 +186,21 @@ class RelayHandler(WebSocketHandler):
         except OSError:
             return False
         return True
+
+    def stream_response(self, write_timeout):
+        """The response about to be written is a stream: its pieces go out as they come (no Nagle delay), and
+        a client that takes nothing for ``write_timeout`` seconds makes the write fail (socket.timeout)."""
+        try:
+            self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass  # not TCP (a test's socket pair)
+        self.socket.settimeout(write_timeout)
+
+    def abandon_response(self):
+        """The response cannot be finished (the client is gone, or the upstream broke off mid-body): pywsgi
+        writes nothing more (no last chunk — an incomplete body tells the client it was cut) and closes."""
+        self.close_connection = True
+        self.response_use_chunked = False
 
     def take_over(self):
         """The raw socket and the bytes pywsgi read past the request headers (a client may not wait for the 101)."""

@@ -1,5 +1,6 @@
 """Limits, origins, session timers, TLS on both sides, and secrets that never leak."""
 
+import http.client
 import io
 import json
 import os
@@ -194,6 +195,28 @@ def test_upstream_ca_file_adds_a_trusted_ca(tls_upstream, relay, certificate, st
     client.send(OP_TEXT, CREATE)
     read_until_marker(client, b'"response.completed"')
     assert store.wait(1)[0]["terminal_event"] == "response.completed"
+
+
+def test_https_upstream_is_verified_on_the_http_transport_too(tls_upstream, relay, certificate, store):
+    _, url = tls_upstream
+    port = port_of(relay(url))
+    status, body = _post_responses(port)
+    assert status == 502 and json.loads(body)["error"]["code"] == "upstream_tls_error"
+    port = port_of(relay(url, upstream__ca_file=certificate[0]))
+    status, body = _post_responses(port)
+    assert status == 200 and json.loads(body)["object"] == "response"
+    assert store.wait(1)[0]["transport"] == "http"
+
+
+def _post_responses(port):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    conn.request("POST", "/v1/responses", json.dumps({"model": "m", "input": "hi"}),
+                 {"Content-Type": "application/json"})
+    response = conn.getresponse()
+    try:
+        return response.status, response.read()
+    finally:
+        conn.close()
 
 
 # -- secrets -----------------------------------------------------------------------------------------------------

@@ -1,0 +1,547 @@
+"""The Responses HTTP transport: ``POST /v1/responses`` (SSE or JSON) and the rest of ``/v1/*``, streamed through.
+
+An exchange is one client request: authorised and counted like a WebSocket session (the same keys, the same
+per-key limit), sent to ``upstream.http_base_url`` over a kept-alive connection with the relay's credential, and
+answered with the upstream's status, headers and body as they arrive.  An event stream is followed by an
+:class:`~wsrelay.sse.SseReader` (the relay looks, it never rewrites): its ``response.created`` and terminal
+events go to the same :class:`~wsrelay.usage.TurnLedger` the WebSocket path uses, so a turn is billed the same
+way on both transports; a JSON Response object is billed from its ``usage``.
+
+The seed's rules hold here too.  After the first event, a client that has had no bytes for
+``gateway.openai_http.sse_keepalive_interval_seconds`` gets an SSE comment (proxies see traffic; clients ignore
+it) and, for Codex, an app keepalive event its idle watchdog counts — only between events, never inside one.
+When the client leaves mid-stream, the upstream is read on (bounded by the drain timeout) to the terminal event,
+and the turn is recorded with ``client_disconnected=true`` — one record per response.
+"""
+
+import http
+import json
+import socket
+import time
+import uuid
+
+import gevent
+
+from . import sniff, usage
+from .httpclient import HOP_BY_HOP, HTTPUpstreamError, UpstreamHTTP
+from .keepalive import app_keepalive_choice
+from .sse import APP_KEEPALIVE_EVENT, KEEPALIVE_COMMENT, SseReader
+from .websocket import error_body
+
+RESPONSES = "responses"
+PASSTHROUGH = "passthrough"
+RESPONSES_PATHS = frozenset(("/v1/responses", "/responses", "/backend-api/codex/responses"))
+PREFIXES = ("/v1/", "/backend-api/codex/")
+# Response headers that stay with the relay: framing, the upstream's own identity, and its cookies (they belong
+# to the relay's credential, not to this client).
+RESPONSE_HOP_BY_HOP = (HOP_BY_HOP - {"content-length"}) | {"set-cookie", "date", "server"}
+BLOCK = 65536
+STAGE_SSE_OK = "downstream_sse_keepalive_ok"
+STAGE_APP = "downstream_app_keepalive"
+DIRECTION = "downstream_keepalive"
+_TERMINAL_STATUS = {"completed": "response.completed", "failed": "response.failed",
+                    "incomplete": "response.incomplete", "cancelled": "response.incomplete"}
+
+
+class Refusal(Exception):
+    """A request the relay answers itself: ``status``, ``code`` and ``message`` go into OpenAI's error shape."""
+
+    def __init__(self, status, code, message, headers=()):
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.headers = list(headers)
+
+
+class ClientGone(Exception):
+    """Thrown into an exchange waiting for the upstream when its client has closed the connection."""
+
+
+class ClientWatch:
+    """Notices a streamed response's client closing its connection while the relay waits for the upstream.
+
+    Once the request is read the client has nothing to send (a pipelined next request aside): its socket
+    turning readable means EOF or a reset — or that next request, which a one-byte peek tells apart.  Without
+    this a client that left during a silent stretch would only be noticed at the next write, and a write into
+    the kernel's buffer can succeed after the client has gone.
+    """
+
+    def __init__(self, sock, on_gone):
+        self.sock = sock
+        self.on_gone = on_gone
+        self.watcher = gevent.get_hub().loop.io(sock.fileno(), 1)
+        self.watcher.start(self._readable)
+
+    def _readable(self):
+        self.stop()
+        gevent.spawn(self._peek)
+
+    def _peek(self):
+        try:
+            data = self.sock.recv(1, socket.MSG_PEEK)
+        except (OSError, socket.timeout):
+            data = b""
+        if not data:
+            self.on_gone()
+
+    def stop(self):
+        if self.watcher is not None:
+            self.watcher.stop()
+            self.watcher.close()
+            self.watcher = None
+
+
+def route(path):
+    """``(route, target)`` of a request path: the Responses route with the upstream path ``/responses``, a
+    passthrough path under the base URL, or ``(None, None)``."""
+    if path in RESPONSES_PATHS:
+        return RESPONSES, "/responses"
+    for prefix in PREFIXES:
+        if path.startswith(prefix):
+            return PASSTHROUGH, path[len(prefix) - 1:]
+    if path == "/models":
+        return PASSTHROUGH, path
+    return None, None
+
+
+def upstream_headers(environ, authorization):
+    """The client's request headers for the upstream: all but hop-by-hop ones (and those its Connection header
+    names), its credentials and cookies, and its Accept-Encoding (the relay reads what it relays)."""
+    drop = set(HOP_BY_HOP) | {"authorization", "cookie", "accept-encoding"}
+    drop.update(t.strip().lower() for t in environ.get("HTTP_CONNECTION", "").split(","))
+    out = []
+    for key, value in environ.items():
+        if key.startswith("HTTP_"):
+            name = key[5:].replace("_", "-").lower()
+            if name not in drop:
+                out.append((name, value))  # latin-1 text, as WSGI decoded it: the same bytes go back out
+    if environ.get("CONTENT_TYPE"):
+        out.append(("content-type", environ["CONTENT_TYPE"]))
+    if authorization:
+        out.append(("authorization", authorization))
+    out.append(("accept-encoding", "identity"))
+    return out
+
+
+class Exchange:
+    """One client request on the HTTP transport (see the module docstring).  ``relay.app`` is the RelayApp."""
+
+    def __init__(self, transport, environ, start_response, kind, target):
+        self.transport = transport
+        self.app = transport.app
+        self.config = self.app.config
+        self.settings = self.config.gateway.openai_http
+        self.environ = environ
+        self.start_response = start_response
+        self.handler = environ.get("wsrelay.handler")
+        self.kind = kind
+        self.target = target + (("?" + environ["QUERY_STRING"]) if environ.get("QUERY_STRING") else "")
+        self.method = environ.get("REQUEST_METHOD", "GET")
+        self.id = uuid.uuid4().hex
+        self.started = time.monotonic()
+        self.key_id = None
+        self.status = None
+        self.upstream_ms = None
+        self.bytes_up = 0
+        self.bytes_down = 0
+        self.client_open = True
+        self.client_disconnected = False
+        self.outcome = "ok"
+        self.events = 0
+        self.keepalives = 0
+        self.app_keepalives = 0
+        self.ledger = None
+        self.write = None
+        self.body_read = False
+        self.waiting = False  # blocked reading the upstream (a departing client may interrupt it)
+        self.greenlet = gevent.getcurrent()
+
+    def trace(self, stage, **fields):
+        self.app.tracer.emit(stage, request_id=self.id, **fields)
+
+    # -- the request ---------------------------------------------------------------------------------------
+
+    def run(self):
+        try:
+            if not self.app.accepting:
+                raise Refusal(503, "shutting_down", "the relay is shutting down", [("Retry-After", "5")])
+            self.key_id, authorization = self.app.authorize(self.environ)
+            with self.app.admitted(self.key_id):
+                self.transport.live.add(self)
+                try:
+                    self._forward(authorization)
+                finally:
+                    self.transport.live.discard(self)
+                    self._settle(usage.RELAY_SESSION_CLOSED)  # killed mid-turn: still on the books
+        except Refusal as refusal:
+            return self.refuse(refusal)
+        finally:
+            self.trace("http_request", method=self.method, route=self.kind, path=self.environ.get("PATH_INFO"),
+                       status=self.status, outcome=self.outcome, key_id=self.key_id,
+                       duration_ms=round((time.monotonic() - self.started) * 1000, 1),
+                       upstream_ms=self.upstream_ms, bytes_up=self.bytes_up, bytes_down=self.bytes_down,
+                       events=self.events, keepalives=self.keepalives, app_keepalives=self.app_keepalives,
+                       client_disconnected=self.client_disconnected)
+        return []
+
+    def refuse(self, refusal):
+        self.status = refusal.status
+        self.outcome = refusal.code
+        if self.write is not None:  # the response had begun: it cannot become an error any more
+            self._abandon()
+            return []
+        body = error_body(refusal.status, refusal.code, refusal.message)
+        if self.handler is not None and not self.body_read and (
+                self.environ.get("CONTENT_LENGTH") not in (None, "", "0")
+                or "chunked" in self.environ.get("HTTP_TRANSFER_ENCODING", "").lower()):
+            self.handler.close_connection = True  # the request body was not read: the connection cannot go on
+        self.start_response(_status_line(refusal.status), [("Content-Type", "application/json"),
+                                                           ("Content-Length", str(len(body)))] + refusal.headers)
+        return [body]
+
+    def _forward(self, authorization):
+        length = _content_length(self.environ)
+        limit = self.settings.max_request_body_bytes
+        if length is not None and length > limit:
+            raise Refusal(413, "request_too_large", "the request body is %d bytes; the limit is %d"
+                          % (length, limit))
+        headers = upstream_headers(self.environ, authorization)
+        if self.kind == RESPONSES:
+            body = self._read_body(limit)
+            self.ledger = usage.TurnLedger(self.id, self.key_id, transport="http")
+            model = sniff.model_hint(body[:4096])
+            response = self._request(headers, body, len(body))
+            self.ledger.start_turn(model)
+        else:
+            response = self._request(headers, self._stream_body(limit), length)
+        try:
+            self._respond(response)
+        finally:
+            response.close()
+
+    def _request(self, headers, body, length):
+        client = self.transport.client()
+        started = time.monotonic()
+        try:
+            response = client.request(self.method, self.target, headers, body, length)
+        except HTTPUpstreamError as exc:
+            self.trace("http_upstream_failed", status=exc.status, code=exc.code, error=exc.message,
+                       key_id=self.key_id)
+            raise Refusal(exc.status, exc.code, exc.message)
+        self.upstream_ms = round((time.monotonic() - started) * 1000, 2)
+        return response
+
+    def _read_body(self, limit):
+        stream = self.environ["wsgi.input"]
+        try:
+            body = stream.read(limit + 1) if _content_length(self.environ) is None else stream.read()
+        except socket.timeout:
+            raise Refusal(408, "request_timeout", "the request body did not arrive in time")
+        except (OSError, ValueError) as exc:
+            raise Refusal(400, "bad_request", "the request body could not be read: %s" % exc)
+        if len(body) > limit:
+            raise Refusal(413, "request_too_large", "the request body is larger than the limit of %d bytes" % limit)
+        self.bytes_up = len(body)
+        self.body_read = True
+        return body
+
+    def _stream_body(self, limit):
+        stream = self.environ["wsgi.input"]
+        while True:
+            try:
+                chunk = stream.read(BLOCK)
+            except socket.timeout:
+                raise Refusal(408, "request_timeout", "the request body did not arrive in time")
+            except (OSError, ValueError) as exc:
+                raise Refusal(400, "bad_request", "the request body could not be read: %s" % exc)
+            if not chunk:
+                self.body_read = True
+                return
+            self.bytes_up += len(chunk)
+            if self.bytes_up > limit:
+                raise Refusal(413, "request_too_large", "the request body is larger than the limit of %d bytes"
+                              % limit)
+            yield chunk
+
+    # -- the response --------------------------------------------------------------------------------------
+
+    def _respond(self, response):
+        self.status = response.status
+        headers = [(name, value) for name, value in response.headers if name.lower() not in RESPONSE_HOP_BY_HOP]
+        content_type = (response.header("content-type") or "").lower()
+        streaming = content_type.startswith("text/event-stream")
+        if self.handler is not None:
+            self.handler.stream_response(self.settings.write_timeout_seconds)
+        self.write = self.start_response(_status_line(response.status, response), headers)
+        if response.status >= 400:
+            self.ledger = None  # refused before any turn ran: the status is in the trace, there is nothing to bill
+        watch = ClientWatch(self.handler.socket, self._client_closed) if self.handler is not None else None
+        try:
+            if streaming and self.kind == RESPONSES and self.ledger is not None:
+                self._relay_events(response)
+            else:
+                self._relay_body(response, content_type)
+        finally:
+            if watch is not None:
+                watch.stop()
+
+    def _client_closed(self):
+        if not self.client_open:
+            return
+        self._client_lost("client closed the connection")
+        greenlet = self.greenlet
+
+        def interrupt():
+            if self.waiting:  # blocked on the upstream: the drain's deadline starts now
+                greenlet.throw(ClientGone())
+
+        gevent.get_hub().loop.run_callback(interrupt)
+
+    def _client_lost(self, error):
+        self.client_open = False
+        self.client_disconnected = True
+        self._abandon()
+        self.trace("http_client_gone", error=error, turn_in_flight=bool(self.ledger and self.ledger.in_flight))
+
+    def _read(self, response, timeout):
+        """``response.read_some`` that a departing client interrupts (:class:`ClientGone`)."""
+        self.waiting = True
+        try:
+            return response.read_some(timeout)
+        finally:
+            self.waiting = False
+
+    def stop(self):
+        """The server stops without grace: cut the client off; the upstream is drained as for a client that left."""
+        if self.handler is not None and self.client_open:
+            try:
+                self.handler.socket.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def _send(self, data):
+        """Write to the client while it is there; returns False once it is gone."""
+        if not self.client_open:
+            return False
+        try:
+            self.write(data)
+        except (OSError, socket.timeout) as exc:
+            self._client_lost(str(exc)[:200] or exc.__class__.__name__)
+            return False
+        self.bytes_down += len(data)
+        return True
+
+    def _abandon(self):
+        if self.handler is not None:
+            self.handler.abandon_response()
+
+    def _relay_body(self, response, content_type):
+        """A body that is not an event stream: relayed as it arrives; a JSON Response object is billed."""
+        keep = None
+        if response.status < 400 and "json" in content_type and (self.kind == RESPONSES or self.method == "POST"):
+            keep = bytearray()
+        limit = self.config.usage.max_event_bytes
+        deadline = None
+        while True:
+            if not self.client_open and deadline is None:
+                deadline = time.monotonic() + self.settings.upstream_drain_timeout_seconds
+            try:
+                data = self._read(response, _left(deadline))
+            except ClientGone:
+                continue
+            except (socket.timeout, HTTPUpstreamError) as exc:
+                self._upstream_broke(exc, deadline)
+                if deadline is not None:
+                    reason = usage.RELAY_DRAIN_TIMEOUT
+                else:
+                    reason = usage.RELAY_READ_TIMEOUT if isinstance(exc, socket.timeout) else usage.RELAY_UPSTREAM_LOST
+                return self._settle(reason)
+            if not data:
+                break
+            if keep is not None:
+                if len(keep) + len(data) <= limit:
+                    keep += data
+                else:
+                    keep = None
+            self._send(data)
+        if keep:
+            self._bill_json(bytes(keep))
+        self._settle(usage.RELAY_UPSTREAM_LOST)
+
+    def _bill_json(self, body):
+        try:
+            obj = json.loads(body)
+        except ValueError:
+            return
+        if not isinstance(obj, dict) or not isinstance(obj.get("usage"), dict):
+            return
+        if self.ledger is None:
+            self.ledger = usage.TurnLedger(self.id, self.key_id, transport="http")
+            self.ledger.start_turn(None)
+        kind = _TERMINAL_STATUS.get(obj.get("status"), "response.completed")
+        self._record(self.ledger.on_event({"type": kind, "response": obj},
+                                          client_disconnected=self.client_disconnected))
+
+    def _relay_events(self, response):
+        """An event stream: relayed as it arrives, read by the SSE reader for the ledger, kept alive."""
+        ledger = self.ledger
+        reader = SseReader(self.config.usage.max_event_bytes)
+        sse_interval = self.settings.sse_keepalive_interval_seconds
+        ws = self.config.gateway.openai_ws
+        app_on, _ = self.transport.app_keepalive(self.environ)
+        app_interval = ws.passthrough_downstream_app_keepalive_interval_seconds if app_on else 0
+        read_timeout = response.read_timeout
+        now = time.monotonic()
+        last_up = last_write = last_business = now
+        deadline = None  # the drain's, once the client is gone
+        while True:
+            if not self.client_open and deadline is None:
+                deadline = self._start_drain(now)
+            wait = last_up + read_timeout - now
+            keepalive = self.client_open and reader.events and reader.at_boundary and ledger.in_flight
+            if keepalive:
+                if sse_interval:
+                    wait = min(wait, last_write + sse_interval - now)
+                if app_interval:
+                    wait = min(wait, last_business + app_interval - now)
+            if deadline is not None:
+                wait = min(wait, deadline - now)
+            try:
+                data = self._read(response, max(wait, 0.001))
+            except ClientGone:
+                now = time.monotonic()
+                continue
+            except socket.timeout:
+                now = time.monotonic()
+                if deadline is not None and now >= deadline:
+                    self.trace("drain_timeout", transport="http")
+                    self.outcome = "drain_timeout"
+                    return self._settle(usage.RELAY_DRAIN_TIMEOUT)
+                if now - last_up >= read_timeout:
+                    self._upstream_broke(socket.timeout("no bytes for %gs" % read_timeout), None)
+                    return self._settle(usage.RELAY_READ_TIMEOUT)
+                if keepalive and app_interval and now - last_business >= app_interval:
+                    if self._send(APP_KEEPALIVE_EVENT):
+                        last_write = last_business = now
+                        self.app_keepalives += 1
+                        self.trace(STAGE_APP, direction=DIRECTION, graceful=True, wrote_downstream=True)
+                elif keepalive and sse_interval and now - last_write >= sse_interval:
+                    if self._send(KEEPALIVE_COMMENT):
+                        last_write = now
+                        self.keepalives += 1
+                        self.trace(STAGE_SSE_OK, direction=DIRECTION, graceful=True, wrote_downstream=True)
+                continue
+            except HTTPUpstreamError as exc:
+                self._upstream_broke(exc, deadline)
+                return self._settle(usage.RELAY_UPSTREAM_LOST)
+            now = time.monotonic()
+            if not data:
+                if ledger.in_flight:
+                    self.outcome = "upstream_ended_mid_turn"
+                    self.trace("http_upstream_ended_mid_turn", key_id=self.key_id)
+                return self._settle(usage.RELAY_UPSTREAM_LOST)
+            last_up = now
+            if self._send(data):
+                last_write = last_business = now
+            for event in reader.feed(data):
+                self.events += 1
+                if event.event in usage.LEDGER_EVENTS or (
+                        event.event == "message" and event.data and usage.may_be_ledger_event(event.data[:256])):
+                    self._record(ledger.on_event(usage.parse_event(event.data),
+                                                 client_disconnected=not self.client_open))
+            if deadline is not None and not ledger.in_flight:
+                self.trace("drain_terminal", transport="http")
+                return self._settle(usage.RELAY_UPSTREAM_LOST)
+
+    def _start_drain(self, now):
+        self.outcome = "client_gone"
+        if self.ledger is not None and self.ledger.in_flight:
+            self.trace("drain_started", transport="http", timeout_s=self.settings.upstream_drain_timeout_seconds)
+            return now + self.settings.upstream_drain_timeout_seconds
+        return now  # nothing to bill any more: stop reading
+
+    def _upstream_broke(self, exc, deadline):
+        """The upstream's body stopped short (or went silent too long): the client's response is cut as well."""
+        if self.outcome == "ok":
+            self.outcome = "upstream_timeout" if isinstance(exc, socket.timeout) else "upstream_lost"
+        if deadline is None:
+            self.trace("http_upstream_lost", error=str(exc)[:200] or exc.__class__.__name__, key_id=self.key_id)
+        self._abandon()
+
+    def _settle(self, reason):
+        if self.ledger is not None:  # idempotent: a settled ledger has nothing left to record
+            if self.ledger.in_flight:
+                self._record(self.ledger.abandon(reason, self.client_disconnected))
+            self._record(self.ledger.close())
+
+    def _record(self, records):
+        store = self.app.store
+        for record in records:
+            self.trace("usage_recorded", **{name: getattr(record, name) for name in usage.REPORT_FIELDS})
+            if store is not None:
+                store.put(record)
+
+
+class HTTPTransport:
+    """The HTTP transport of a :class:`~wsrelay.server.RelayApp`: its routes and its upstream client pool."""
+
+    def __init__(self, app):
+        self.app = app
+        self.live = set()  # the exchanges in progress
+        self._client = None
+        self._client_key = None
+
+    def __call__(self, environ, start_response, kind, target):
+        return Exchange(self, environ, start_response, kind, target).run()
+
+    def client(self):
+        """The upstream client for the current configuration (rebuilt when a reload changed its settings)."""
+        config = self.app.config
+        up = config.upstream
+        key = (config.upstream_http_base_url, up.connect_timeout_seconds, up.http_read_timeout_seconds,
+               up.http_max_connections, id(self.app.tls_context))
+        if key != self._client_key:
+            old, self._client = self._client, UpstreamHTTP(key[0], key[1], key[2], key[3], self.app.tls_context)
+            self._client_key = key
+            if old is not None:
+                old.close()
+        return self._client
+
+    def app_keepalive(self, environ):
+        ws = self.app.config.gateway.openai_ws
+        return app_keepalive_choice(ws.passthrough_downstream_app_keepalive_mode,
+                                    ws.passthrough_downstream_app_keepalive_interval_seconds,
+                                    environ.get("HTTP_ORIGINATOR"), environ.get("HTTP_USER_AGENT"))
+
+    def close(self):
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+
+def _content_length(environ):
+    value = environ.get("CONTENT_LENGTH")
+    if not value:
+        return None
+    try:
+        length = int(value)
+    except ValueError:
+        raise Refusal(400, "bad_request", "Content-Length is not a number")
+    if length < 0:
+        raise Refusal(400, "bad_request", "Content-Length is negative")
+    return length
+
+
+def _left(deadline):
+    if deadline is None:
+        return None
+    return max(deadline - time.monotonic(), 0.001)
+
+
+def _status_line(status, response=None):
+    try:
+        reason = http.HTTPStatus(status).phrase
+    except ValueError:
+        reason = (response.reason if response is not None else None) or "Unknown"
+    return "%d %s" % (status, reason)
