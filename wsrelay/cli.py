@@ -124,7 +124,10 @@ def check_config(config_path, print_defaults, print_reference):
 @click.option("--mode", type=click.Choice(["normal", "error", "close-mid", "drop-mid", "echo"]), default="normal",
               show_default=True)
 @click.option("--deltas", type=int, default=3, show_default=True, help="Text deltas per turn.")
-def fake_upstream(host, port, silence, mode, deltas):
+@click.option("--refuse-websocket", "refuse_websocket", type=click.IntRange(400, 599), default=None,
+              metavar="STATUS", help="Answer every WebSocket handshake with this HTTP status (e.g. 426) and an "
+              "OpenAI-shaped JSON error: an HTTP-only upstream.")
+def fake_upstream(host, port, silence, mode, deltas, refuse_websocket):
     """A Responses-shaped upstream for tests and smoke tests (no model behind it): WebSocket at /v1/responses,
     and HTTP: POST /v1/responses (SSE with "stream": true, else JSON) and GET /v1/models."""
     import signal
@@ -134,14 +137,19 @@ def fake_upstream(host, port, silence, mode, deltas):
 
     from .fake_upstream import FakeUpstream, make_server
 
-    server = make_server(FakeUpstream(mode=mode, silence=silence, deltas=deltas), host, port)
+    app = FakeUpstream(mode=mode, silence=silence, deltas=deltas, refuse_websocket=refuse_websocket)
+    server = make_server(app, host, port)
     try:
         server.start()
     except OSError as exc:
         click.echo("wsrelay: cannot listen on %s:%s: %s" % (host, port, exc.strerror or exc), err=True)
         sys.exit(1)
-    click.echo("fake upstream listening on ws://%s:%d/v1/responses and http://%s:%d/v1 (mode=%s silence=%gs)"
-               % (host, server.server_port, host, server.server_port, mode, silence), err=True)
+    if refuse_websocket:
+        click.echo("fake upstream listening on http://%s:%d/v1, refusing WebSocket with %d (mode=%s silence=%gs)"
+                   % (host, server.server_port, refuse_websocket, mode, silence), err=True)
+    else:
+        click.echo("fake upstream listening on ws://%s:%d/v1/responses and http://%s:%d/v1 (mode=%s silence=%gs)"
+                   % (host, server.server_port, host, server.server_port, mode, silence), err=True)
     stop = gevent.event.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         gevent.signal_handler(signum, stop.set)

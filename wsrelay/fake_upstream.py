@@ -13,6 +13,9 @@ according to ``mode``:
 ``echo``       no Responses events: every data message comes back as it was sent (same opcode); over HTTP the
                request body of any POST comes back as JSON
 
+``refuse_websocket`` (an HTTP status, e.g. 426) makes it an HTTP-only upstream: every WebSocket handshake is
+answered with that status and an OpenAI-shaped JSON error (a client such as Codex then falls back to HTTP).
+
 A ``response.create`` with ``"generate": false`` (Codex's prewarm) is answered with ``response.created`` and a
 ``response.completed`` with zero usage, whatever the mode.  A non-streaming request gets the final Response
 object (``usage`` at its top level).  ``GET /v1/models`` lists one model.
@@ -107,6 +110,11 @@ class FrameSocket:
         self.sock.sendall(frames.build_close(code, reason, mask=self.client))
 
 
+def delta_texts(deltas=3):
+    """The text of each ``response.output_text.delta`` of a turn; joined, the turn's output text."""
+    return ["word%d " % i for i in range(deltas)]
+
+
 def turn_events(request, mode="normal", deltas=3, usage=None):
     """The events of one turn before and after the silence: ``(head, tail)`` lists of dicts."""
     response_id = "resp_" + uuid.uuid4().hex[:24]
@@ -125,12 +133,12 @@ def turn_events(request, mode="normal", deltas=3, usage=None):
             {"type": "response.in_progress", "response": dict(base, status="in_progress")},
             {"type": "response.output_item.added", "output_index": 0, "item": item}]
     head += [{"type": "response.output_text.delta", "item_id": item["id"], "output_index": 0,
-              "content_index": 0, "delta": "word%d " % i} for i in range(deltas)]
+              "content_index": 0, "delta": text} for text in delta_texts(deltas)]
     if mode == "error":
         tail = [{"type": "error", "status": 500, "error": {"type": "server_error", "message": "fake failure"}},
                 {"type": "response.failed", "response": dict(base, status="failed", usage=usage)}]
     else:
-        text = "".join("word%d " % i for i in range(deltas))
+        text = "".join(delta_texts(deltas))
         done_item = dict(item, status="completed", content=[{"type": "output_text", "text": text}])
         tail = [{"type": "response.output_item.done", "output_index": 0, "item": done_item},
                 {"type": "response.completed",
@@ -142,15 +150,18 @@ class FakeUpstream:
     """The WSGI app + ``accept_websocket`` of the fake upstream.  ``handshakes`` keeps each request's headers."""
 
     def __init__(self, mode="normal", silence=0.0, deltas=3, usage=None, response_headers=(),
-                 require_authorization=None):
+                 require_authorization=None, refuse_websocket=None):
         if mode not in MODES:
             raise ValueError("mode must be one of %s" % ", ".join(MODES))
+        if refuse_websocket is not None and not 400 <= refuse_websocket <= 599:
+            raise ValueError("refuse_websocket must be an HTTP error status (400-599)")
         self.mode = mode
         self.silence = silence
         self.deltas = deltas
         self.usage = usage
         self.response_headers = list(response_headers)
         self.require_authorization = require_authorization
+        self.refuse_websocket = refuse_websocket
         self.handshakes = []
         self.http_requests = []   # (method, path, headers) of each HTTP request
         self.http_peers = []      # the client port of each HTTP request (one per upstream connection)
@@ -167,6 +178,9 @@ class FakeUpstream:
                                 if k.startswith("HTTP_")})
         if self.require_authorization and environ.get("HTTP_AUTHORIZATION") != self.require_authorization:
             return handler.refuse(401, "invalid_api_key", "fake upstream: wrong credential")
+        if self.refuse_websocket:
+            return handler.refuse(self.refuse_websocket, "websocket_not_supported",
+                                  "fake upstream: WebSocket is not served here; use HTTP (POST /v1/responses)")
         if not handler.switch_protocols(self.response_headers):
             return
         sock, initial = handler.take_over()

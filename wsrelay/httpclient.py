@@ -236,18 +236,8 @@ class UpstreamResponse:
 def _error(exc, doing, timeout):
     if isinstance(exc, HTTPUpstreamError):
         return exc
-    if isinstance(exc, (socket.timeout, gevent.Timeout)):
-        return HTTPUpstreamError(504, "upstream_timeout", "upstream timed out %s (%gs)" % (doing, timeout))
-    if isinstance(exc, socket.gaierror):
-        return HTTPUpstreamError(502, "upstream_unreachable", "upstream host name did not resolve")
-    if isinstance(exc, ssl.SSLError):
-        return HTTPUpstreamError(502, "upstream_tls_error", "TLS with the upstream failed: %s" % (exc.reason or exc))
-    if isinstance(exc, ConnectionRefusedError):
-        return HTTPUpstreamError(502, "upstream_unreachable", "upstream refused the connection")
-    if isinstance(exc, OSError):
-        return HTTPUpstreamError(502, "upstream_unreachable", "upstream connection failed %s: %s"
-                                 % (doing, _describe(exc)))
-    return exc  # not an upstream failure (GreenletExit, a bug): let it through unchanged
+    failure = upstream.classify_failure(exc, "upstream timed out %s (%gs)" % (doing, timeout), " " + doing)
+    return HTTPUpstreamError(*failure) if failure else exc
 
 
 def _describe(exc):

@@ -190,17 +190,28 @@ def _open(url, lines, timeout, context):
 def _dial_error(exc, timeout):
     if isinstance(exc, websocket.WebSocketBadStatusException):
         return _status_error(exc.status_code, exc.resp_headers or {})
-    if isinstance(exc, (gevent.Timeout, websocket.WebSocketTimeoutException, socket.timeout)):
-        return DialError(504, "upstream_timeout", "upstream did not complete the WebSocket handshake in %gs" % timeout)
+    if isinstance(exc, websocket.WebSocketTimeoutException):
+        exc = socket.timeout()
+    elif isinstance(exc, websocket.WebSocketException):
+        exc = OSError(_describe(exc))
+    failure = classify_failure(exc, "upstream did not complete the WebSocket handshake in %gs" % timeout)
+    return DialError(*failure) if failure else exc
+
+
+def classify_failure(exc, timeout_message, doing=""):
+    """``(status, code, message)`` a client gets for an upstream that could not be reached or was too slow
+    (both transports), or None when ``exc`` is no such failure (GreenletExit, a bug: let it through)."""
+    if isinstance(exc, (gevent.Timeout, socket.timeout)):
+        return 504, "upstream_timeout", timeout_message
     if isinstance(exc, socket.gaierror):
-        return DialError(502, "upstream_unreachable", "upstream host name did not resolve")
+        return 502, "upstream_unreachable", "upstream host name did not resolve"
     if isinstance(exc, ssl.SSLError):
-        return DialError(502, "upstream_tls_error", "TLS with the upstream failed: %s" % (exc.reason or exc))
+        return 502, "upstream_tls_error", "TLS with the upstream failed: %s" % (exc.reason or exc)
     if isinstance(exc, ConnectionRefusedError):
-        return DialError(502, "upstream_unreachable", "upstream refused the connection")
-    if isinstance(exc, (OSError, websocket.WebSocketException)):
-        return DialError(502, "upstream_unreachable", "upstream connection failed: %s" % _describe(exc))
-    return exc  # not a dial failure (GreenletExit, a bug): let it through unchanged
+        return 502, "upstream_unreachable", "upstream refused the connection"
+    if isinstance(exc, OSError):
+        return 502, "upstream_unreachable", "upstream connection failed%s: %s" % (doing, _describe(exc))
+    return None
 
 
 class _Resolver:
@@ -375,6 +386,11 @@ def _status_error(status, headers):
     if status == 429:
         return DialError(429, "rate_limit_exceeded", "upstream rate limit reached (HTTP 429)",
                          retry_after=headers.get("retry-after"))
+    if status == 426:
+        # The upstream serves Responses over HTTP only: Codex falls back to HTTP at once on a 426 (after a
+        # 502 only once its retries are spent), and the relay serves that transport too.
+        return DialError(426, "websocket_not_supported", "upstream does not take WebSocket connections; use "
+                         "the HTTP transport (POST /v1/responses)")
     return DialError(502, "upstream_handshake_refused", "upstream refused the WebSocket handshake (HTTP %d)" % status)
 
 

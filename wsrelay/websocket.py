@@ -32,9 +32,9 @@ _TYPES = {401: "authentication_error", 403: "permission_error", 429: "rate_limit
 
 
 def error_body(status, code, message):
-    """OpenAI's error shape: ``{"error": {"message", "type", "code"}}``."""
+    """OpenAI's error shape: ``{"error": {"message", "type", "param", "code"}}``."""
     kind = _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
-    return json.dumps({"error": {"message": message, "type": kind, "code": code}}).encode("utf-8")
+    return json.dumps({"error": {"message": message, "type": kind, "param": None, "code": code}}).encode("utf-8")
 
 
 def error_response(status, code, message, headers=()):

@@ -2,9 +2,12 @@
 
 ``NginxProxy`` runs its own nginx process with its own prefix in a temporary
 directory and its own configuration, listening on 127.0.0.1 only, and proxies
-WebSocket connections to an upstream on 127.0.0.1. Its ``proxy_read_timeout``
-is configurable so tests can check that wsrelay keeps an otherwise silent
-connection alive through a real proxy.
+WebSocket connections and plain HTTP requests to an upstream on 127.0.0.1.
+HTTP responses are passed on as they arrive (``proxy_buffering off``, HTTP/1.1
+to the upstream), so a Server-Sent Events stream reaches the client event by
+event. Its ``proxy_read_timeout`` is configurable so tests can check that
+wsrelay keeps an otherwise silent connection or event stream alive through a
+real proxy.
 
 The module uses only the standard library, so it works both with and without
 gevent monkey-patching.
@@ -61,6 +64,8 @@ http {{
     server {{
         listen 127.0.0.1:{port};
         server_name localhost;
+        # Codex's requests carry the whole conversation (images make MBs).
+        client_max_body_size 64m;
 
         location {path_prefix} {{
             proxy_pass http://127.0.0.1:{upstream_port};
@@ -71,7 +76,9 @@ http {{
             proxy_connect_timeout 5s;
             proxy_read_timeout {read_timeout_ms}ms;
             proxy_send_timeout {send_timeout_ms}ms;
+            # Server-Sent Events: each event goes to the client as it arrives.
             proxy_buffering off;
+            proxy_cache off;
         }}
     }}
 }}
@@ -112,7 +119,7 @@ def _ms(seconds: float) -> int:
 
 class NginxProxy:
     """A private nginx (own prefix in a temp dir, own config, loopback only)
-    proxying WebSocket to 127.0.0.1:<upstream_port>."""
+    proxying WebSocket and HTTP (SSE unbuffered) to 127.0.0.1:<upstream_port>."""
 
     def __init__(
         self,
@@ -141,6 +148,10 @@ class NginxProxy:
         if not path.startswith("/"):
             path = "/" + path
         return f"ws://127.0.0.1:{self.port}{path}"
+
+    def http_url(self, path: str = "/") -> str:
+        """The same address as :meth:`url` with the http scheme (e.g. a client's base URL)."""
+        return "http" + self.url(path)[len("ws"):]
 
     def start(self) -> "NginxProxy":
         if self._proc is not None:

@@ -8,6 +8,8 @@ behave the same with and without gevent monkey-patching in the test process.
 
 from __future__ import annotations
 
+import http.client
+import json
 import os
 import subprocess
 import sys
@@ -18,6 +20,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
 from tests.e2e.nginx import NGINX_MISSING_MESSAGE, NginxProxy, nginx_binary
+from wsrelay.sse import SseReader
 
 # Upstream server: echoes every message; in "ping" mode it also sends a
 # WebSocket Ping every PING_EVERY seconds while the connection is otherwise
@@ -165,3 +168,32 @@ def test_proxy_stop_is_idempotent_and_cleans_up():
     proxy.stop()
     proxy.stop()
     assert not os.path.exists(prefix)
+
+
+@pytest.mark.timeout(30)
+def test_event_stream_passes_through_nginx_as_it_happens(fake):
+    require_nginx()
+    app, url = fake(silence=1.5)
+    upstream_port = int(url.split(":")[2].split("/")[0])
+    with NginxProxy(upstream_port, read_timeout=5.0) as proxy:
+        assert proxy.http_url("/v1") == f"http://127.0.0.1:{proxy.port}/v1"
+        conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=10)
+        # A body the size of a long conversation: over nginx's default client_max_body_size (1 MiB).
+        body = json.dumps({"model": "m", "input": "x" * (2 * 1024 * 1024), "stream": True}).encode()
+        started = time.monotonic()
+        conn.request("POST", "/v1/responses", body, {"Content-Type": "application/json"})
+        response = conn.getresponse()
+        assert response.status == 200 and response.getheader("Content-Type") == "text/event-stream"
+        reader, types, first_at = SseReader(), [], None
+        while True:
+            chunk = response.read1(65536)
+            if not chunk:
+                break
+            for event in reader.feed(chunk):
+                first_at = first_at or time.monotonic()
+                types.append(event.event)
+        conn.close()
+        assert first_at - started < 1.2, "nginx held the events back until the silence ended"
+        assert time.monotonic() - started >= 1.5
+        assert types[0] == "response.created" and types[-1] == "response.completed"
+        assert app.http_requests[0][:2] == ("POST", "/v1/responses")

@@ -1,12 +1,17 @@
-"""The fake upstream's HTTP transport, as an HTTP client sees it: SSE and JSON responses, models, errors."""
+"""The fake upstream's HTTP transport, as an HTTP client sees it: SSE and JSON responses, models, errors; and the
+HTTP-only fake that refuses WebSocket handshakes."""
 
 import http.client
 import json
+import subprocess
+import sys
 import time
 
+import gevent
 import pytest
 
-from tests.helpers import port_of
+from tests.helpers import REPO, free_port, port_of, raw_request
+from wsrelay.fake_upstream import FakeUpstream
 from wsrelay.sse import SseReader
 
 pytestmark = pytest.mark.timeout(30)
@@ -104,3 +109,46 @@ def test_bad_requests_get_openai_shaped_errors(fake):
         assert response.status == status, (body, path)
         assert json.loads(response.read())["error"]["message"]
         conn.close()
+
+
+def test_refuse_websocket_answers_every_handshake_with_that_status_and_still_serves_http(fake):
+    app, url = fake(refuse_websocket=426)
+    for _ in range(2):
+        sock, status, headers, body = raw_request(url, [("Authorization", "Bearer k")])
+        sock.close()
+        assert status == 426 and headers["content-type"] == "application/json"
+        error = json.loads(body)["error"]
+        assert error["code"] == "websocket_not_supported" and error["type"] == "invalid_request_error"
+    assert len(app.handshakes) == 2 and app.handshakes[0]["authorization"] == "Bearer k"
+    assert app.connections == 0
+    conn, response = post(url, {"model": "m", "input": "hi", "stream": True})
+    assert [kind for kind, _ in sse_events(response)[0]][-1] == "response.completed"
+    conn.close()
+
+
+def test_refuse_websocket_takes_only_an_http_error_status():
+    for status in (101, 200, 399, 600):
+        with pytest.raises(ValueError):
+            FakeUpstream(refuse_websocket=status)
+
+
+def test_fake_upstream_command_refuses_websocket_when_asked():
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "wsrelay", "fake-upstream", "--port", str(port),
+                             "--refuse-websocket", "426"], cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        with gevent.Timeout(15, AssertionError("the fake upstream process did not start listening")):
+            line = proc.stderr.readline()
+        assert "listening on http://127.0.0.1:%d/v1, refusing WebSocket with 426" % port in line
+        url = "ws://127.0.0.1:%d/v1/responses" % port
+        sock, status, _, body = raw_request(url)
+        sock.close()
+        assert status == 426 and json.loads(body)["error"]["code"] == "websocket_not_supported"
+        conn, response = post(url, {"model": "m"})
+        assert response.status == 200 and json.loads(response.read())["status"] == "completed"
+        conn.close()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        proc.stderr.close()

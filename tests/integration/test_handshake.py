@@ -544,7 +544,7 @@ def test_upstream_response_headers_come_back_on_the_101(scripted, relay):
 
 
 @pytest.mark.parametrize("upstream_status, client_status", [(401, 401), (403, 403), (429, 429), (500, 502),
-                                                            (503, 502), (404, 502)])
+                                                            (503, 502), (404, 502), (426, 426)])
 def test_upstream_refusal_maps_to_an_http_error_before_the_101(scripted, relay, tracer, upstream_status,
                                                                client_status):
     upstream, up_url = scripted(refuse=(upstream_status, []))

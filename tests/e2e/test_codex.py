@@ -1,0 +1,153 @@
+"""The real Codex CLI through wsrelay, on both of its transports.
+
+Each test runs one ``codex exec`` (see ``tests/codex.py``) against a relay on 127.0.0.1 that holds a relay key
+(``auth.keys``) and its own upstream credential, in front of the fake upstream; one test puts a private nginx with
+a short ``proxy_read_timeout`` in between.  Codex runs with no retries, so a stream the relay or nginx cuts fails
+the run instead of being retried.
+
+- HTTP/SSE, Codex's default for a custom provider: a turn with a silent gap of more than twice nginx's read
+  timeout completes, kept open by the relay's ``: keepalive`` comments; and a gap longer than Codex's own idle
+  watchdog completes, kept open by the relay's keepalive events (comments do not reset that watchdog).
+- ``supports_websockets = true`` with an upstream that refuses WebSocket: Codex's handshake is refused and it
+  falls back to HTTP/SSE through the relay.
+- ``supports_websockets = true`` with a WebSocket upstream: the turn goes over WebSocket.
+- A wrong relay key: Codex's request is refused with 401, the upstream sees nothing.
+"""
+
+import pytest
+
+from tests.codex import run_codex
+from tests.e2e.nginx import NGINX_MISSING_MESSAGE, NginxProxy, nginx_binary
+from tests.helpers import APP_KEEPALIVE_INTERVAL, port_of, wait_until
+from wsrelay.exchange import STAGE_APP, STAGE_SSE_OK
+
+pytestmark = pytest.mark.timeout(60)
+
+RELAY_KEY = "sk-relay-codex-test"
+UPSTREAM_KEY = "sk-upstream-codex-test"
+HTTP = "gateway__openai_http__"
+SSE_KEEPALIVE_INTERVAL = HTTP + "sse_keepalive_interval_seconds"
+TURN_TOKENS = 150  # the fake upstream's usage of a turn (a prewarm's is 0)
+
+PROXY_READ_TIMEOUT = 5.0
+SILENCE = 12.0          # mid-turn, more than twice nginx's read timeout
+WATCHDOG_MS = 4000      # Codex's stream_idle_timeout_ms in the app keepalive test
+WATCHDOG_SILENCE = 8.0  # twice that watchdog
+
+
+def start_relay(relay, upstream_url, **settings):
+    """A relay with a relay key and its own upstream credential; returns its ``ws://`` URL."""
+    return relay(upstream_url, auth__keys=[RELAY_KEY], upstream__api_key=UPSTREAM_KEY, **settings)
+
+
+def base_url(ws_url):
+    """``ws://host:port/v1/responses`` -> ``http://host:port/v1``."""
+    return "http" + ws_url[len("ws"):-len("/responses")]
+
+
+def upstream_fake(fake, **options):
+    """The fake upstream, answering only the relay's upstream credential."""
+    return fake(require_authorization="Bearer " + UPSTREAM_KEY, **options)
+
+
+def assert_upstream_saw_only_its_credential(app):
+    seen = [headers for _, _, headers in app.http_requests] + app.handshakes
+    assert seen, "the upstream saw no request"
+    assert all(headers.get("authorization") == "Bearer " + UPSTREAM_KEY for headers in seen), seen
+    assert not any(RELAY_KEY in value for headers in seen for value in headers.values())
+
+
+def responses_posts(app):
+    return [r for r in app.http_requests if r[:2] == ("POST", "/v1/responses")]
+
+
+def turn_records(store):
+    """The usage records of real turns (a prewarm's has no tokens), once there is one."""
+    wait_until(lambda: any(r["total_tokens"] for r in store.records), timeout=5.0, what="a turn's usage record")
+    return [r for r in store.records if r["total_tokens"]]
+
+
+def assert_one_completed_turn(store, transport):
+    records = turn_records(store)
+    assert len(records) == 1, store.records
+    record = records[0]
+    assert record["transport"] == transport, record
+    assert record["terminal_event"] == "response.completed" and record["total_tokens"] == TURN_TOKENS, record
+    assert record["client_disconnected"] is False, record
+    assert all(r["transport"] == transport for r in store.records), store.records
+    return record
+
+
+def test_codex_over_http_completes_a_silent_turn_behind_nginx_kept_open_by_sse_comments(
+        fake, relay, store, tracer, tmp_path):
+    if nginx_binary() is None:
+        pytest.fail(NGINX_MISSING_MESSAGE, pytrace=False)
+    app, upstream_url = upstream_fake(fake, silence=SILENCE)
+    # Only the SSE comments may keep nginx's read timer from expiring: no keepalive events.
+    url = start_relay(relay, upstream_url, **{SSE_KEEPALIVE_INTERVAL: 1, APP_KEEPALIVE_INTERVAL: 0})
+    with NginxProxy(port_of(url), read_timeout=PROXY_READ_TIMEOUT) as proxy:
+        run = run_codex(tmp_path, proxy.http_url("/v1"), RELAY_KEY)
+        run.assert_completed()
+        assert "upstream timed out" not in proxy.error_log()
+    assert run.elapsed >= SILENCE, run.describe()
+    assert len(store.wait(1)) == 1, store.records  # HTTP has no prewarm: the turn alone
+    assert_one_completed_turn(store, "http")
+    assert len(responses_posts(app)) == 1 and app.handshakes == [], (app.http_requests, app.handshakes)
+    assert responses_posts(app)[0][2]["accept"] == "text/event-stream"
+    assert_upstream_saw_only_its_credential(app)
+    assert len(tracer.find(STAGE_SSE_OK)) >= SILENCE - 3 and not tracer.find(STAGE_APP), tracer.stages()
+
+
+def test_codex_over_http_outlasts_its_idle_watchdog_with_keepalive_events(fake, relay, store, tracer, tmp_path):
+    app, upstream_url = upstream_fake(fake, silence=WATCHDOG_SILENCE)
+    url = start_relay(relay, upstream_url, **{SSE_KEEPALIVE_INTERVAL: 1, APP_KEEPALIVE_INTERVAL: 1})
+    run = run_codex(tmp_path, base_url(url), RELAY_KEY, stream_idle_timeout_ms=WATCHDOG_MS)
+    run.assert_completed()
+    assert run.elapsed >= WATCHDOG_SILENCE, run.describe()
+    assert_one_completed_turn(store, "http")
+    assert len(responses_posts(app)) == 1, app.http_requests
+    assert len(tracer.find(STAGE_APP)) >= WATCHDOG_SILENCE - 3, tracer.stages()
+
+
+def test_codex_with_websockets_falls_back_to_http_when_the_upstream_refuses_websocket(
+        fake, relay, store, tracer, tmp_path):
+    app, upstream_url = upstream_fake(fake, refuse_websocket=426)
+    url = start_relay(relay, upstream_url)
+    run = run_codex(tmp_path, base_url(url), RELAY_KEY, supports_websockets=True, stream_max_retries=5)
+    run.assert_completed()
+    # Codex asked for WebSocket; the relay's dial was refused with 426 and so was Codex's handshake, which makes
+    # Codex fall back at once (a 502 would cost it its 5 reconnects first); then came HTTP.
+    refused = tracer.find("dial_failed")
+    assert [fields["status"] for fields in refused] == [426], tracer.events
+    tracer.wait_for("http_request")  # traced once the exchange has ended, maybe just after Codex exited
+    stages = tracer.stages()
+    requests = tracer.find("http_request")
+    assert [(r["method"], r["path"], r["status"]) for r in requests] == [("POST", "/v1/responses", 200)], requests
+    assert stages.index("http_request") > max(i for i, stage in enumerate(stages) if stage == "dial_failed")
+    assert app.handshakes and app.connections == 0
+    assert all(h.get("openai-beta", "").startswith("responses_websockets=") for h in app.handshakes)
+    assert len(responses_posts(app)) == 1, app.http_requests
+    assert_one_completed_turn(store, "http")
+    assert_upstream_saw_only_its_credential(app)
+
+
+def test_codex_with_websockets_completes_a_turn_over_websocket_through_the_relay(fake, relay, store, tmp_path):
+    app, upstream_url = upstream_fake(fake)
+    url = start_relay(relay, upstream_url)
+    run = run_codex(tmp_path, base_url(url), RELAY_KEY, supports_websockets=True)
+    run.assert_completed()
+    assert_one_completed_turn(store, "websocket")
+    assert app.connections >= 1 and app.http_requests == [], app.http_requests
+    assert_upstream_saw_only_its_credential(app)
+
+
+def test_codex_with_a_wrong_relay_key_is_refused_over_http_and_the_upstream_sees_nothing(
+        fake, relay, store, tracer, tmp_path):
+    app, upstream_url = upstream_fake(fake)
+    url = start_relay(relay, upstream_url)
+    run = run_codex(tmp_path, base_url(url), "sk-not-a-relay-key")
+    # Codex prints the status and the message of OpenAI's error body.
+    assert run.rc not in (0, None) and "401 Unauthorized: invalid relay key" in run.stderr, run.describe()
+    tracer.wait_for("http_request")
+    assert [(r["method"], r["status"]) for r in tracer.find("http_request")] == [("POST", 401)]
+    assert app.http_requests == [] and app.handshakes == [] and store.records == []
