@@ -14,6 +14,12 @@
 //   "report" print {"event":"report", ...}: Pings seen, Pongs sent, broadcast arrival times
 //   "close"  close every session with a Close frame (1000), print {"event":"closed", ...} and exit.
 // It exits by itself after spec.maxSeconds, or when its standard input closes.
+//
+// With spec.mode 'sse_ttfb', 'sse_stream' or 'sse_latency' it is an HTTP client of the Responses HTTP transport
+// instead (Node's http module, an Agent with keepAlive and spec.conns sockets): POST spec.path with
+// {"model", "stream": true, "bench": {"events", "bytes", "interval_ms"}} (the same in x-codex-bench-* headers),
+// reading the text/event-stream answer as it arrives.  It prints "ready" at once; "go" runs spec.warmup +
+// spec.duration seconds and prints one "result"; "close" drops the kept-alive sockets and exits.  See sseClient.
 
 const net = require('net');
 
@@ -242,6 +248,8 @@ class Session {
 
 let running = false;
 
+const SSE = typeof spec.mode === 'string' && spec.mode.startsWith('sse');
+
 function emit(obj) { process.stdout.write(JSON.stringify(obj) + '\n'); }
 
 function pct(sorted, q) {
@@ -323,6 +331,11 @@ function runMeasurement() {
 
 function command(line) {
   const cmd = line.trim();
+  if (SSE) {
+    if (cmd === 'go') sse.run();
+    else if (cmd === 'close') sse.close();
+    return;
+  }
   if (cmd === 'go') runMeasurement();
   else if (cmd === 'check') {
     forEachOpen((s, t, cb) => s.roundTrip(t, cb), 10000, (ok, of) => emit({ event: 'checked', ok, of }));
@@ -359,7 +372,180 @@ process.stdin.on('end', () => {
 });
 setTimeout(() => { emit({ event: 'timeout' }); process.exit(3); }, (spec.maxSeconds || 120) * 1000).unref();
 
-openAll((ns) => {
+// -- the Responses HTTP transport ---------------------------------------------------------------------------------
+//
+// sse_ttfb     spec.conns workers, each sending one request after another on its kept-alive socket (turns of
+//              spec.events deltas, written by the upstream at once): time to first byte = from the request
+//              written to the first body bytes of an event (not a ':' comment) received.
+// sse_stream   one stream after another of spec.events deltas of spec.bytes, as fast as they come: events/s and
+//              bytes/s from the request written to the end of the stream, over the streams started while measuring.
+// sse_latency  one stream of deltas spaced spec.interval ms, long enough for warm-up + duration: each carries the
+//              upstream's wall clock at its write ("bench_ts", performance.timeOrigin + performance.now(), ms),
+//              the delay is the same clock here when the bytes arrive minus it; the warm-up's events are left out.
+
+function sseClient() {
+  const http = require('http');
+  const { performance } = require('perf_hooks');
+  const wallMs = () => performance.timeOrigin + performance.now();
+  const conns = Math.max(1, spec.conns || 1);
+  const agent = new http.Agent({ keepAlive: true, maxSockets: conns, maxFreeSockets: conns });
+  const mode = spec.mode;
+  const warmup = (spec.warmup || 0) * 1000;
+  const duration = (spec.duration || 1) * 1000;
+  let events = spec.events || 1;
+  if (mode === 'sse_latency') events = Math.ceil((warmup + duration) / spec.interval);
+  const bench = { events, bytes: spec.bytes || 300, interval_ms: mode === 'sse_latency' ? spec.interval : 0 };
+  const body = Buffer.from(JSON.stringify({ model: 'bench', stream: true, input: 'bench', bench }));
+  const headers = {
+    'Content-Type': 'application/json', 'Content-Length': String(body.length), Accept: 'text/event-stream',
+    Authorization: 'Bearer ' + (spec.key || 'bench-key'), 'User-Agent': 'wsrelay-bench',
+    'x-codex-bench-events': String(bench.events), 'x-codex-bench-event-bytes': String(bench.bytes),
+    'x-codex-bench-interval-ms': String(bench.interval_ms),
+  };
+  let socketsOpened = 0;
+  let requests = 0;
+  const COMPLETED = 'event: response.completed';
+
+  // One request; cb(error, stream) once its body ended.  onChunk(stream, chunk, t) sees every body chunk.
+  function post(onChunk, cb) {
+    let finished = false;
+    const end = (err, st) => { if (!finished) { finished = true; cb(err, st); } };
+    const st = { t0: 0, first: 0, end: 0, bytes: 0, events: 0, lastNl: false, tail: '' };
+    const req = http.request({ host: HOST, port: spec.port, method: 'POST', path: spec.path || '/v1/responses',
+                               agent, headers });
+    req.on('socket', (sock) => {
+      if (!sock.benchCounted) { sock.benchCounted = true; socketsOpened++; sock.setNoDelay(true); }
+    });
+    req.on('error', (err) => end(err.code || err.message));
+    req.on('response', (res) => {
+      if (res.statusCode !== 200) {
+        let text = '';
+        res.setEncoding('latin1');
+        res.on('data', (d) => { if (text.length < 300) text += d; });
+        res.on('end', () => end('status ' + res.statusCode + ' ' + text.slice(0, 200)));
+        res.on('error', () => end('status ' + res.statusCode));
+        return;
+      }
+      res.on('data', (chunk) => {
+        const t = now();
+        if (st.first === 0 && chunk[0] !== 0x3a) st.first = t;     // ':' starts a comment, not an event
+        st.bytes += chunk.length;
+        // Events end with a blank line; this upstream writes LF only (a relay passes the bytes as they are).
+        if (st.lastNl && chunk[0] === 10) st.events++;
+        let i = chunk.indexOf('\n\n');
+        while (i >= 0) { st.events++; i = chunk.indexOf('\n\n', i + 2); }
+        st.lastNl = chunk[chunk.length - 1] === 10 && !(chunk.length >= 2 && chunk[chunk.length - 2] === 10);
+        const keep = Math.min(chunk.length, 2048);
+        st.tail = (st.tail + chunk.latin1Slice(chunk.length - keep, chunk.length)).slice(-2048);
+        if (onChunk !== null) onChunk(st, chunk, t);
+      });
+      res.on('end', () => {
+        st.end = now();
+        if (st.tail.indexOf(COMPLETED) < 0) end('stream ended without response.completed', st);
+        else end(null, st);
+      });
+      res.on('aborted', () => end('stream aborted', st));
+      res.on('error', (err) => end('stream error ' + (err.code || err.message), st));
+    });
+    st.t0 = now();
+    req.end(body);
+  }
+
+  function sorted(values) { return values.slice().sort((a, b) => a - b); }
+  function mean(values) { return values.length ? values.reduce((a, b) => a + b, 0) / values.length : null; }
+
+  function run() {
+    const t0 = now();
+    const mStart = t0 + warmup * 1e6;
+    const mEnd = mStart + duration * 1e6;
+    const cpu0 = { v: null };
+    setTimeout(() => { cpu0.v = process.cpuUsage(); }, warmup);
+    const ttfb = [];
+    const totals = [];
+    const streams = [];
+    const delays = [];
+    let active = 0;
+    let done = false;
+    const finish = () => {
+      if (done) return;
+      done = true;
+      const cpu = process.cpuUsage(cpu0.v || undefined);
+      const seconds = (now() - mStart) / 1e9;
+      const out = { event: 'result', mode, seconds, cpu_s: (cpu.user + cpu.system) / 1e6, requests,
+                    sockets_opened: socketsOpened, failures, failure_sample: failureSample,
+                    wall_minus_mono_ms: wallMs() - Number(process.hrtime.bigint()) / 1e6 };
+      if (mode === 'sse_ttfb') {
+        const s = sorted(ttfb);
+        Object.assign(out, { measured: s.length, ttfb_p50_ns: pct(s, 0.5), ttfb_p99_ns: pct(s, 0.99),
+                             ttfb_max_ns: s.length ? s[s.length - 1] : null, ttfb_mean_ns: mean(s),
+                             total_p50_ns: pct(sorted(totals), 0.5),
+                             requests_per_s: s.length / (duration / 1000) });
+      } else if (mode === 'sse_stream') {
+        const ev = streams.reduce((a, x) => a + x.events, 0);
+        const by = streams.reduce((a, x) => a + x.bytes, 0);
+        const secs = streams.reduce((a, x) => a + (x.end - x.t0), 0) / 1e9;
+        Object.assign(out, { measured: streams.length, events: ev, bytes: by, stream_seconds: secs,
+                             events_per_s: secs > 0 ? ev / secs : null, bytes_per_s: secs > 0 ? by / secs : null,
+                             ttfb_p50_ns: pct(sorted(streams.map((x) => x.first - x.t0)), 0.5) });
+      } else {
+        const s = sorted(delays);
+        Object.assign(out, { measured: s.length, expected: Math.floor(duration / spec.interval),
+                             delay_p50_ms: pct(s, 0.5), delay_p99_ms: pct(s, 0.99), delay_mean_ms: mean(s),
+                             delay_max_ms: s.length ? s[s.length - 1] : null, delay_min_ms: s.length ? s[0] : null });
+      }
+      emit(out);
+    };
+    if (mode === 'sse_latency') {
+      const skip = Math.floor(warmup / spec.interval);
+      let carry = '';
+      let seen = 0;
+      const onChunk = (st, chunk) => {
+        const arrived = wallMs();
+        carry += chunk.latin1Slice(0, chunk.length);
+        let k = carry.indexOf('\n\n');
+        while (k >= 0) {
+          const j = carry.lastIndexOf('"bench_ts":', k);
+          if (j >= 0 && carry.lastIndexOf('\n\n', j) < 0) {        // this event's own stamp
+            if (++seen > skip) delays.push(arrived - parseFloat(carry.slice(j + 11, k)));
+          }
+          carry = carry.slice(k + 2);
+          k = carry.indexOf('\n\n');
+        }
+      };
+      requests++;
+      post(onChunk, (err) => { if (err) fail(err); finish(); });
+      return;
+    }
+    const worker = () => {
+      if (now() >= mEnd) { if (--active === 0) finish(); return; }
+      requests++;
+      post(null, (err, st) => {
+        if (err) fail(err);
+        else if (st.t0 >= mStart && st.t0 < mEnd) {
+          if (mode === 'sse_ttfb') { ttfb.push(st.first - st.t0); totals.push(st.end - st.t0); }
+          else streams.push(st);
+        }
+        if (err) setTimeout(worker, 10); else worker();
+      });
+    };
+    const workers = mode === 'sse_ttfb' ? conns : 1;
+    active = workers;
+    for (let w = 0; w < workers; w++) worker();
+  }
+
+  function close() {
+    agent.destroy();
+    emit({ event: 'closed', seconds: 0, sockets_opened: socketsOpened });
+    process.exit(0);
+  }
+
+  return { run, close };
+}
+
+const sse = SSE ? sseClient() : null;
+
+if (SSE) emit({ event: 'ready', opened: spec.conns || 1, failures: 0, failure_sample: null, t_ready_ns: now() });
+else openAll((ns) => {
   const sorted = handshakeNs.slice().sort((a, b) => a - b);
   const readyInfo = {
     event: 'ready', connect_seconds: ns / 1e9, opened: handshakeNs.length, failures, failure_sample: failureSample,

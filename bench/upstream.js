@@ -8,8 +8,10 @@
 // the 1 MiB scenario costs the upstream no per-byte work (neither the relays nor the load generator read them).  A second, plain-HTTP control port serves:
 //   GET /broadcast?group=G&bytes=N  one text event (a Responses-shaped delta) to every session of group G,
 //                                   answered with {"sent", "t0_ns", "t1_ns"} (CLOCK_MONOTONIC, like the clients)
-//   GET /stats                      {"live", "rss"}
+//   GET /stats                      {"live", "rss", "sse_requests", "http_connections"}
 // Sessions join a group with the request header x-codex-bench-group (wsrelay passes x-codex-* upstream).
+// A request on the main port that is not a WebSocket handshake goes to Node's HTTP server, which serves the
+// Responses HTTP transport (POST /v1/responses, Server-Sent Events: see below) on that kept-alive connection.
 //
 // Usage: node upstream.js '{"port": P, "ctrlPort": C, "maxSeconds": S}'; prints one JSON line when listening.
 // It exits when its standard input closes (the bench runner is gone) or after maxSeconds.
@@ -131,6 +133,7 @@ class Session {
       if (this.head.length > MAX_HEAD) this.sock.destroy();
       return null;
     }
+    const whole = this.head;
     const lines = this.head.subarray(0, end).toString('latin1').split('\r\n');
     const rest = this.head.subarray(end + 4);
     this.head = null;
@@ -141,7 +144,9 @@ class Session {
     }
     const key = headers['sec-websocket-key'];
     if (!key || !/websocket/i.test(headers['upgrade'] || '')) {
-      this.sock.end('HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n');
+      // Not a WebSocket handshake: plain HTTP (the Responses HTTP transport), served by Node's HTTP server on
+      // this very connection, which it keeps for the requests that follow.
+      this.toHttp(whole);
       return null;
     }
     const accept = crypto.createHash('sha1').update(key + GUID).digest('base64');
@@ -157,6 +162,18 @@ class Session {
       set.add(this);
     }
     return rest;
+  }
+
+  toHttp(bytes) {
+    httpConnections++;
+    const sock = this.sock;
+    sock.removeAllListeners('data');
+    sock.removeAllListeners('close');
+    this.closed = true;
+    sock.pause();
+    sock.unshift(bytes);
+    httpServer.emit('connection', sock);
+    sock.resume();
   }
 
   onData(chunk) {
@@ -267,6 +284,155 @@ function broadcast(group, bytes) {
   return { sent, seq, t0_ns: Number(t0), t1_ns: Number(t1) };
 }
 
+// -- the Responses HTTP transport ---------------------------------------------------------------------------------
+// POST /v1/responses (or /responses) answers text/event-stream in the Responses shape: response.created, `events`
+// response.output_text.delta events, response.completed with response.usage (so a relay bills the turn as it
+// would in production).  The parameters come from the request body's "bench" object ({"events", "bytes",
+// "interval_ms"}), else from the headers x-codex-bench-events, x-codex-bench-event-bytes and
+// x-codex-bench-interval-ms: `bytes` is the size of one delta event on the wire (its "event:" and "data:" lines
+// and the blank line); with interval_ms 0 the whole stream is written at once (in 64 KiB writes, as fast as the
+// reader takes them, from a cache: no per-request work), otherwise one delta every interval_ms, each carrying
+// "bench_ts": the wall clock when it was written (performance.timeOrigin + performance.now(), ms).
+
+const { performance } = require('perf_hooks');
+const wallMs = () => performance.timeOrigin + performance.now();
+const SSE_PATHS = new Set(['/v1/responses', '/responses']);
+const SSE_WRITE = 65536;
+const MAX_EVENTS = 10000000;
+let responseSeq = 0;
+let sseRequests = 0;
+let httpConnections = 0;   // connections handed to the HTTP server (how many a proxy's pool opened)
+
+function sseEvent(obj) {
+  return 'event: ' + obj.type + '\ndata: ' + JSON.stringify(obj) + '\n\n';
+}
+
+function responseObject(id, model, status, events) {
+  const r = { id, object: 'response', created_at: Math.floor(Date.now() / 1000), status, model, output: [],
+              usage: null };
+  if (status === 'completed') {
+    r.output = [{ type: 'message', id: 'msg_bench', status: 'completed', role: 'assistant',
+                  content: [{ type: 'output_text', text: 'bench', annotations: [] }] }];
+    r.usage = { input_tokens: 12, input_tokens_details: { cached_tokens: 0 }, output_tokens: events,
+                output_tokens_details: { reasoning_tokens: 0 }, total_tokens: 12 + events };
+  }
+  return r;
+}
+
+// One delta event of `bytes` bytes on the wire (at least its fields): the delta text pads it.
+function deltaEvent(seq, bytes, ts) {
+  const head = { type: 'response.output_text.delta', sequence_number: seq };
+  if (ts !== undefined) head.bench_ts = ts;
+  Object.assign(head, { item_id: 'msg_bench', output_index: 0, content_index: 0, delta: '' });
+  const bare = sseEvent(head);
+  head.delta = 'x'.repeat(Math.max(1, bytes - bare.length));
+  return sseEvent(head);
+}
+
+const streamCache = new Map();   // "events:bytes" -> [Buffer] (the deltas, in writes of SSE_WRITE bytes at most)
+
+function deltaChunks(events, bytes) {
+  const key = events + ':' + bytes;
+  let chunks = streamCache.get(key);
+  if (chunks) return chunks;
+  chunks = [];
+  let parts = [];
+  let size = 0;
+  for (let i = 1; i <= events; i++) {
+    const ev = deltaEvent(i, bytes);
+    if (size + ev.length > SSE_WRITE && parts.length) { chunks.push(Buffer.from(parts.join(''), 'latin1')); parts = []; size = 0; }
+    parts.push(ev);
+    size += ev.length;
+  }
+  if (parts.length) chunks.push(Buffer.from(parts.join(''), 'latin1'));
+  if (streamCache.size > 16) streamCache.clear();
+  streamCache.set(key, chunks);
+  return chunks;
+}
+
+function sseParams(body, headers) {
+  const b = body && typeof body.bench === 'object' && body.bench !== null ? body.bench : {};
+  const pick = (field, header, dflt) => {
+    const v = b[field] !== undefined ? b[field] : headers[header];
+    const n = Number(v);
+    return v === undefined || v === '' || !Number.isFinite(n) ? dflt : n;
+  };
+  return {
+    events: Math.min(MAX_EVENTS, Math.max(0, Math.floor(pick('events', 'x-codex-bench-events', 8)))),
+    bytes: Math.max(64, Math.floor(pick('bytes', 'x-codex-bench-event-bytes', 300))),
+    interval: Math.max(0, pick('interval_ms', 'x-codex-bench-interval-ms', 0)),
+  };
+}
+
+function httpError(res, status, code, message) {
+  const data = JSON.stringify({ error: { message, type: 'invalid_request_error', code } });
+  res.writeHead(status, { 'Content-Type': 'application/json', 'Content-Length': Buffer.byteLength(data) });
+  res.end(data);
+}
+
+function onHttpRequest(req, res) {
+  const path = req.url.split('?')[0];
+  if (!SSE_PATHS.has(path)) { httpError(res, 404, 'not_found', 'bench upstream: no route for ' + path); return; }
+  if (req.method !== 'POST') { httpError(res, 405, 'method_not_allowed', 'use POST'); return; }
+  const parts = [];
+  req.on('data', (c) => parts.push(c));
+  req.on('end', () => {
+    let body = null;
+    try { body = JSON.parse(Buffer.concat(parts).toString('utf8')); } catch (e) { body = null; }
+    if (body === null || typeof body !== 'object') { httpError(res, 400, 'invalid_json', 'a JSON object'); return; }
+    if (body.stream !== true) { httpError(res, 400, 'stream_required', 'the bench upstream streams only'); return; }
+    sseRequests++;
+    streamResponse(res, sseParams(body, req.headers), typeof body.model === 'string' ? body.model : 'bench');
+  });
+}
+
+function streamResponse(res, p, model) {
+  const id = 'resp_bench_' + (++responseSeq);
+  res.writeHead(200, { 'Content-Type': 'text/event-stream', 'Cache-Control': 'no-cache', 'x-request-id': 'req_' + id });
+  const created = sseEvent({ type: 'response.created', sequence_number: 0,
+                             response: responseObject(id, model, 'in_progress', p.events) });
+  const completed = sseEvent({ type: 'response.completed', sequence_number: p.events + 1,
+                               response: responseObject(id, model, 'completed', p.events) });
+  let gone = false;
+  res.on('close', () => { gone = true; });
+  if (p.interval === 0) {
+    const chunks = deltaChunks(p.events, p.bytes);
+    if (chunks.length === 1 && created.length + chunks[0].length + completed.length <= SSE_WRITE) {
+      // A short turn: one write, as an upstream that has the whole answer at once would send it.
+      res.end(Buffer.concat([Buffer.from(created, 'latin1'), chunks[0], Buffer.from(completed, 'latin1')]));
+      return;
+    }
+    res.write(created);
+    let i = 0;
+    const pump = () => {
+      while (!gone && i < chunks.length) {
+        if (!res.write(chunks[i++])) { res.once('drain', pump); return; }
+      }
+      if (!gone) res.end(completed);
+    };
+    pump();
+    return;
+  }
+  res.write(created);
+  let seq = 0;
+  const tick = () => {
+    if (gone) return;
+    if (seq < p.events) {
+      seq++;
+      res.write(deltaEvent(seq, p.bytes, wallMs()));
+      setTimeout(tick, p.interval);
+    } else {
+      res.end(completed);
+    }
+  };
+  setTimeout(tick, p.interval);
+}
+
+const httpServer = http.createServer({ keepAliveTimeout: 3600 * 1000, requestTimeout: 0, headersTimeout: 60000,
+                                       noDelay: true }, onHttpRequest);
+httpServer.keepAliveTimeout = 3600 * 1000;   // the relays' pools keep connections: never close one under them
+httpServer.on('clientError', (err, sock) => sock.destroy());
+
 const server = net.createServer({ noDelay: true }, (sock) => new Session(sock));
 server.on('error', (err) => { console.error('upstream: ' + err.message); process.exit(1); });
 
@@ -276,7 +442,8 @@ const control = http.createServer((req, res) => {
   if (url.pathname === '/broadcast') {
     body = broadcast(url.searchParams.get('group') || '', parseInt(url.searchParams.get('bytes') || '200', 10));
   } else if (url.pathname === '/stats') {
-    body = { live, rss: process.memoryUsage().rss };
+    body = { live, rss: process.memoryUsage().rss, sse_requests: sseRequests,
+             http_connections: httpConnections };
   } else {
     res.writeHead(404); res.end(); return;
   }
@@ -289,7 +456,8 @@ let listening = 0;
 function ready() {
   if (++listening === 2) {
     process.stdout.write(JSON.stringify({ event: 'listening', port: server.address().port,
-                                          ctrlPort: control.address().port, pid: process.pid }) + '\n');
+                                          ctrlPort: control.address().port, pid: process.pid,
+                                          wall_minus_mono_ms: wallMs() - Number(process.hrtime.bigint()) / 1e6 }) + '\n');
   }
 }
 server.listen({ host: HOST, port: spec.port || 0, backlog: 8192 }, ready);

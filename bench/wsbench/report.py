@@ -63,6 +63,43 @@ def summarize(scenario, runs):
     return summary
 
 
+# The project's goals for the HTTP transport, against nginx: (scenario, metric, "<=" or ">=", bound on
+# WSRELAY/NGINX, what it says).  TTFB is a latency: "at least half nginx's" is at most twice its time.
+GOALS = (
+    ("sse_ttfb", "ttfb_p50_us", "<=", 2.0, "time to first byte p50 at most 2x nginx's"),
+    ("sse_stream", "events_per_s", ">=", 0.5, "events/s at least 0.5x nginx's"),
+    ("sse_latency", "delay_p50_us", "<=", 1.5, "per-event delivery delay p50 at most 1.5x nginx's"),
+)
+
+
+def check_goals(results):
+    """The goals the results have figures for: [{scenario, metric, goal, ratio, paired, met}]."""
+    out = []
+    for scenario, metric, op, bound, text in GOALS:
+        entry = results["scenarios"].get(scenario, {}).get("summary", {}).get(metric)
+        if not entry:
+            continue
+        value = entry.get("WSRELAY/NGINX")
+        met = None if value is None else (value <= bound if op == "<=" else value >= bound)
+        out.append({"scenario": scenario, "metric": metric, "goal": "WSRELAY/NGINX %s %g" % (op, bound),
+                    "text": text, "ratio": value, "paired": entry.get("WSRELAY/NGINX paired"), "met": met})
+    return out
+
+
+def print_goals(goals, results, out=sys.stdout):
+    if not goals:
+        return
+    print("\ngoals (WSRELAY/NGINX, medians; paired in brackets):", file=out)
+    for g in goals:
+        verdict = {True: "met", False: "NOT MET", None: "-"}[g["met"]]
+        line = "  %-12s %-14s %6s [%s]  %-16s %-7s  %s" % (g["scenario"], g["metric"], fmt(g["ratio"]),
+                                                           fmt(g["paired"]), g["goal"], verdict, g["text"])
+        if g["metric"] == "delay_p50_us":
+            added = results["scenarios"]["sse_latency"]["summary"].get("added_p50_us", {})
+            line += " (over DIRECT: wsrelay %s us, nginx %s us)" % (fmt(added.get("WSRELAY")), fmt(added.get("NGINX")))
+        print(line, file=out)
+
+
 def fmt(v):
     if v is None:
         return "-"

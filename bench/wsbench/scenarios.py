@@ -9,7 +9,9 @@ import time
 from .procs import HERE, BenchError, Proc, http_get_json, log, machine_busy
 
 TARGETS = ("DIRECT", "NGINX", "WSRELAY")
-SCENARIOS = ("scaling", "latency", "small", "large", "connections", "keepalive", "fanout", "overhead")
+SSE_SCENARIOS = ("sse_ttfb", "sse_stream", "sse_latency")
+SCENARIOS = ("scaling", "latency", "small", "large", "connections", "keepalive", "fanout", "overhead") + SSE_SCENARIOS
+GROUPS = {"sse": SSE_SCENARIOS}
 
 # -- load generator ---------------------------------------------------------------------------------------------
 
@@ -105,6 +107,16 @@ METRICS = {
                  ("sessions", "", None), ("turns_per_s", "turn/s", None), ("usage_recorded_per_s", "rec/s", None),
                  ("pings_per_s", "ping/s", None), ("relay_cpu_util_features", "core", None),
                  ("relay_cpu_util_bare", "core", None)],
+    "sse_ttfb": [("ttfb_p50_us", "us", False), ("ttfb_p99_us", "us", False), ("ttfb_mean_us", "us", False),
+                 ("requests_per_s", "req/s", True), ("target_cpu_us_per_request", "us", False),
+                 ("client_connections", "", None), ("upstream_connections", "", None), ("failures", "", False)],
+    "sse_stream": [("events_per_s", "ev/s", True), ("MB_per_s", "MB/s", True),
+                   ("target_cpu_us_per_event", "us", False), ("target_cpu_util", "core", None),
+                   ("client_cpu_util", "core", None), ("upstream_cpu_util", "core", None),
+                   ("machine_cpu_util", "core", None), ("streams", "", None), ("failures", "", False)],
+    "sse_latency": [("delay_p50_us", "us", False), ("delay_p99_us", "us", False),
+                    ("added_p50_us", "us", False), ("added_p99_us", "us", False), ("delay_max_us", "us", False),
+                    ("events", "", None), ("clock_skew_us", "us", None), ("failures", "", False)],
 }
 
 
@@ -456,5 +468,95 @@ def sc_overhead(ctx, target, round_):
     }
 
 
+# -- the Responses HTTP transport (Server-Sent Events) ----------------------------------------------------------
+# Every target gets the same requests on its HTTP port (nginx: its HTTP server block; wsrelay: its one port).
+
+
+def _sse_run(ctx, target, mode, conns=1, **spec):
+    """One load-generator process in an ``sse_*`` mode against ``target``: (metrics common to all, its result)."""
+    name, _port, proc = target
+    port = ctx.stack.http_port(name)
+    before = _upstream_http_connections(ctx)
+    warmup, duration = ctx.warmup, ctx.duration
+    clients = Clients(ctx, port, 1, conns, mode=mode, warmup=warmup, duration=duration,
+                      maxSeconds=int(warmup + duration + 90), **spec)
+    try:
+        clients.expect_all("ready", 30)
+        results, util = _measure_window(ctx, clients, proc, warmup, duration)
+    finally:
+        clients.close()
+    r = results[0]
+    if r["failures"]:
+        log("%s %s: %d failed requests (%s)" % (mode, name, r["failures"], r["failure_sample"]))
+    after = _upstream_http_connections(ctx)
+    out = {
+        "failures": r["failures"],
+        "requests": r["requests"],
+        "client_connections": r["sockets_opened"],
+        "upstream_connections": after - before if before is not None and after is not None else None,
+        "target_cpu_util": util[0],
+        "upstream_cpu_util": util[1],
+        "machine_cpu_util": util[3],
+        "client_cpu_util": r["cpu_s"] / r["seconds"] if r["seconds"] else None,
+        "clock_skew_us": (r["wall_minus_mono_ms"] - ctx.stack.upstream_clock) * 1e3
+        if getattr(ctx.stack, "upstream_clock", None) is not None else None,
+    }
+    return out, r
+
+
+def _upstream_http_connections(ctx):
+    try:
+        return http_get_json(ctx.stack.ctrl_port, "/stats")["http_connections"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def sc_sse_ttfb(ctx, target, round_):
+    """Short streamed turns (created, one delta, completed, written at once by the upstream), one after another
+    on kept-alive connections: time from the request written to the first event bytes received."""
+    m, r = _sse_run(ctx, target, "sse_ttfb", conns=ctx.sse_ttfb_conns, events=ctx.sse_ttfb_events,
+                    bytes=ctx.sse_event_bytes)
+    if r["measured"]:
+        m.update(ttfb_p50_us=r["ttfb_p50_ns"] / 1e3, ttfb_p99_us=r["ttfb_p99_ns"] / 1e3,
+                 ttfb_mean_us=r["ttfb_mean_ns"] / 1e3, ttfb_max_us=r["ttfb_max_ns"] / 1e3,
+                 total_p50_us=r["total_p50_ns"] / 1e3, requests_per_s=r["requests_per_s"],
+                 measured=r["measured"])
+        if m["target_cpu_util"] is not None:
+            m["target_cpu_us_per_request"] = m["target_cpu_util"] / r["requests_per_s"] * 1e6
+    return m
+
+
+def sc_sse_stream(ctx, target, round_):
+    """Long streams (``ctx.sse_stream_events`` deltas of ``ctx.sse_event_bytes``), one after another, written by the
+    upstream as fast as they are read: events/s and MB/s from the request written to the stream's end."""
+    m, r = _sse_run(ctx, target, "sse_stream", events=ctx.sse_stream_events, bytes=ctx.sse_event_bytes)
+    if r["measured"]:
+        m.update(events_per_s=r["events_per_s"], MB_per_s=r["bytes_per_s"] / 1e6, streams=r["measured"],
+                 stream_ttfb_p50_us=r["ttfb_p50_ns"] / 1e3, events_per_stream=r["events"] / r["measured"])
+        if m["target_cpu_util"] is not None:
+            m["target_cpu_us_per_event"] = m["target_cpu_util"] / r["events_per_s"] * 1e6
+    return m
+
+
+def sc_sse_latency(ctx, target, round_):
+    """One stream whose deltas the upstream writes ``ctx.sse_interval_ms`` apart, each stamped with its wall clock:
+    delivery delay per event.  ``added_*`` is the delay minus DIRECT's in the same round (the client's and the
+    upstream's own share taken out): what the proxy in between adds."""
+    m, r = _sse_run(ctx, target, "sse_latency", interval=ctx.sse_interval_ms, bytes=ctx.sse_event_bytes)
+    if not r["measured"]:
+        return m
+    m.update(delay_p50_us=r["delay_p50_ms"] * 1e3, delay_p99_us=r["delay_p99_ms"] * 1e3,
+             delay_mean_us=r["delay_mean_ms"] * 1e3, delay_max_us=r["delay_max_ms"] * 1e3,
+             delay_min_us=r["delay_min_ms"] * 1e3, events=r["measured"], events_expected=r["expected"])
+    floors = ctx.__dict__.setdefault("sse_direct_delay", {})
+    if target[0] == "DIRECT":
+        floors[round_] = (m["delay_p50_us"], m["delay_p99_us"])
+    floor = floors.get(round_)
+    if floor is not None:
+        m.update(added_p50_us=m["delay_p50_us"] - floor[0], added_p99_us=m["delay_p99_us"] - floor[1])
+    return m
+
+
 RUNNERS = {"scaling": sc_scaling, "latency": sc_latency, "small": sc_small, "large": sc_large,
-           "connections": sc_connections, "keepalive": sc_keepalive, "fanout": sc_fanout, "overhead": sc_overhead}
+           "connections": sc_connections, "keepalive": sc_keepalive, "fanout": sc_fanout, "overhead": sc_overhead,
+           "sse_ttfb": sc_sse_ttfb, "sse_stream": sc_sse_stream, "sse_latency": sc_sse_latency}

@@ -46,6 +46,29 @@ http {{
             proxy_send_timeout 3600s;
         }}
     }}
+    # The Responses HTTP transport, on a port of its own so that the WebSocket location above stays as it is
+    # (both use /v1/responses): HTTP/1.1 with kept-alive upstream connections, each event passed on as it comes.
+    upstream bench_upstream_http {{
+        server 127.0.0.1:{upstream_port};
+        keepalive 64;
+        keepalive_requests 1000000;
+    }}
+    server {{
+        listen 127.0.0.1:{http_port} backlog=4096;
+        keepalive_requests 1000000;
+        location / {{
+            proxy_pass http://bench_upstream_http;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Host $host;
+            proxy_buffering off;
+            proxy_buffer_size 16k;
+            proxy_buffers 4 16k;
+            proxy_busy_buffers_size 32k;
+            proxy_read_timeout 3600s;
+            proxy_send_timeout 3600s;
+        }}
+    }}
 }}
 """
 
@@ -79,9 +102,11 @@ class Stack:
         self.upstream_port = free_port()
         self.ctrl_port = free_port()
         self.nginx_port = free_port()
+        self.nginx_http_port = free_port()
         self.wsrelay_port = free_port()
         self.wsrelay_starts = 0
         self.trace_path = None
+        self.upstream_clock = None   # the upstream's wall clock minus CLOCK_MONOTONIC (ms)
         self.wsrelay_settings = self._known_settings()
         self.wsrelay_ping = None
 
@@ -97,7 +122,7 @@ class Stack:
     def start_upstream(self):
         spec = {"port": self.upstream_port, "ctrlPort": self.ctrl_port, "maxSeconds": 7200}
         self.upstream = Proc("upstream", [self.node, os.path.join(HERE, "upstream.js"), json.dumps(spec)], self.tmp)
-        self.upstream.expect("listening", 15)
+        self.upstream_clock = self.upstream.expect("listening", 15).get("wall_minus_mono_ms")
 
     def restart_upstream(self):
         self.upstream.stop()
@@ -111,11 +136,13 @@ class Stack:
         os.makedirs(prefix, exist_ok=True)
         conf = os.path.join(prefix, "nginx.conf")
         with open(conf, "w") as f:
-            f.write(NGINX_CONF.format(prefix=prefix, port=self.nginx_port, upstream_port=self.upstream_port,
+            f.write(NGINX_CONF.format(prefix=prefix, port=self.nginx_port, http_port=self.nginx_http_port,
+                                      upstream_port=self.upstream_port,
                                       nofile=HARD_NOFILE, conns=max(1024, HARD_NOFILE - 100)))
         self.nginx = Proc("nginx", [self.nginx_bin, "-p", prefix, "-c", conf, "-e",
                                     os.path.join(prefix, "nginx-error.log")], self.tmp, json_stdout=False)
         wait_port(self.nginx_port, 15, self.nginx)
+        wait_port(self.nginx_http_port, 15, self.nginx)
 
     def restart_nginx(self):
         if self.nginx is not None:
@@ -191,6 +218,10 @@ class Stack:
                 return t
         raise BenchError("no target %s" % name)
 
+    def http_port(self, name):
+        """Where ``name`` serves the Responses HTTP transport: nginx has a server of its own for it."""
+        return self.nginx_http_port if name == "NGINX" else self.target(name)[1]
+
     def restart(self, name):
         if name == "DIRECT":
             self.restart_upstream()
@@ -204,11 +235,12 @@ class Stack:
             if proc is not None and proc.popen.poll() is not None:
                 raise BenchError("%s died (exit %s); see its log" % (proc.name, proc.popen.returncode))
 
-    def settle(self, baseline_fds, timeout=20.0):
-        """Wait until the processes hold no more descriptors than before a run (the sessions are gone)."""
+    def settle(self, baseline_fds, timeout=20.0, slack=2):
+        """Wait until the processes hold no more descriptors than before a run (the sessions are gone), give or
+        take ``slack`` (the HTTP scenarios leave kept-alive upstream connections in the proxies' pools)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if all((p.fd_count() or 0) <= baseline_fds.get(p.name, 1 << 30) + 2 for p in self._procs()):
+            if all((p.fd_count() or 0) <= baseline_fds.get(p.name, 1 << 30) + slack for p in self._procs()):
                 return True
             time.sleep(0.05)
         log("warning: sessions still open %gs after a run: %s" % (
