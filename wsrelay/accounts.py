@@ -19,6 +19,7 @@ import os
 import time
 from dataclasses import dataclass, field
 
+ACCOUNT_FIELDS = ("name", "url", "http_base_url", "api_key", "api_key_env", "weight", "max_sessions")
 DEFAULT = "default"
 USABLE, COOLING, DISABLED, FULL = "usable", "cooling_down", "disabled", "full"
 STICKY_HEADERS = ("session-id", "thread-id", "x-client-request-id")
@@ -32,7 +33,7 @@ class AccountSpec:
     name: str
     url: str
     http_base_url: str
-    api_key: str = None
+    api_key: str = field(default=None, repr=False)
     api_key_env: str = None
     weight: int = 1
     max_sessions: int = None
@@ -117,6 +118,10 @@ class AccountPool:
                 best = account
         best.current -= total
         return best
+
+    def any_usable(self, now, exclude=()):
+        """Whether :meth:`choose` would find an account (without moving the round robin)."""
+        return any(a.name not in exclude and a.state(now) == USABLE for a in self.accounts.values())
 
     def stick(self, identity, account, now):
         """``identity`` goes to ``account`` from now on (for ``sticky_ttl`` after its last use)."""
@@ -213,3 +218,60 @@ def retry_after_seconds(value, default, now_wall=None):
         return default
     now_wall = time.time() if now_wall is None else now_wall
     return max(0.0, when.timestamp() - now_wall)
+
+
+def parse_specs(values):
+    """``(specs, problems)`` from validated settings (``config.values``): ``upstream.accounts``, or the implicit
+    ``default`` account.  Problems name the account and the field, never a credential's value."""
+    from .config import http_base_url
+
+    top_url = values["upstream.url"]
+    top_base = values["upstream.http_base_url"]
+    raw = values["upstream.accounts"]
+    if not raw:
+        return [AccountSpec(DEFAULT, top_url, (top_base or http_base_url(top_url)).rstrip("/"),
+                            values["upstream.api_key"], values["upstream.api_key_env"])], []
+    problems, specs, names = [], [], set()
+    if not values["auth.keys"]:
+        problems.append("upstream.accounts: needs auth.keys (without relay keys each client's own credential "
+                        "goes upstream, and the accounts' keys would be anyone's)")
+    for index, item in enumerate(raw):
+        where = "upstream.accounts[%d]" % index
+        unknown = sorted(set(item) - set(ACCOUNT_FIELDS))
+        if unknown:
+            problems.append("%s: unknown field %s" % (where, ", ".join(map(str, unknown))))
+        name = item.get("name")
+        if not isinstance(name, str) or not name.strip():
+            problems.append("%s: needs a name" % where)
+            continue
+        where = "upstream.accounts[%s]" % name
+        if name in names:
+            problems.append("%s: the name is used twice" % where)
+        names.add(name)
+        texts = {}
+        for key in ("url", "http_base_url", "api_key", "api_key_env"):
+            value = item.get(key)
+            if value is not None and (not isinstance(value, str) or not value):
+                problems.append("%s: %s must be a non-empty string" % (where, key))
+                value = None
+            texts[key] = value
+        url = texts["url"] or top_url
+        if not url.startswith(("ws://", "wss://")):
+            problems.append("%s: url must start with ws:// or wss://" % where)
+        base = texts["http_base_url"] or (http_base_url(url) if texts["url"] else top_base or http_base_url(url))
+        if not base.startswith(("http://", "https://")):
+            problems.append("%s: http_base_url must start with http:// or https://" % where)
+        numbers = {}
+        for key, default in (("weight", 1), ("max_sessions", None)):
+            value = item.get(key, default)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                problems.append("%s: %s must be an integer of at least 1" % (where, key))
+                value = default
+            numbers[key] = value
+        spec = AccountSpec(name, url, base.rstrip("/"), texts["api_key"], texts["api_key_env"], **numbers)
+        if not spec.api_key and not spec.api_key_env:
+            problems.append("%s: needs api_key or api_key_env" % where)
+        elif not spec.credential():
+            problems.append("%s: the environment variable %s is not set" % (where, spec.api_key_env))
+        specs.append(spec)
+    return specs, problems

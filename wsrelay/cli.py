@@ -121,13 +121,17 @@ def check_config(config_path, print_defaults, print_reference):
 @click.option("--port", type=int, default=9090, show_default=True)
 @click.option("--silence", type=float, default=0.0, show_default=True,
               help="Seconds of silence before a turn's terminal event.")
-@click.option("--mode", type=click.Choice(["normal", "error", "close-mid", "drop-mid", "echo"]), default="normal",
-              show_default=True)
+@click.option("--mode", type=click.Choice(["normal", "error", "quota-mid", "close-mid", "drop-mid", "echo"]),
+              default="normal", show_default=True)
 @click.option("--deltas", type=int, default=3, show_default=True, help="Text deltas per turn.")
 @click.option("--refuse-websocket", "refuse_websocket", type=click.IntRange(400, 599), default=None,
               metavar="STATUS", help="Answer every WebSocket handshake with this HTTP status (e.g. 426) and an "
               "OpenAI-shaped JSON error: an HTTP-only upstream.")
-def fake_upstream(host, port, silence, mode, deltas, refuse_websocket):
+@click.option("--refuse", type=click.IntRange(400, 599), default=None, metavar="STATUS",
+              help="Answer every request (both transports) with this status: 429, 401, 503, ...")
+@click.option("--retry-after", "retry_after", default=None, metavar="SECONDS",
+              help="The Retry-After sent with --refuse.")
+def fake_upstream(host, port, silence, mode, deltas, refuse_websocket, refuse, retry_after):
     """A Responses-shaped upstream for tests and smoke tests (no model behind it): WebSocket at /v1/responses,
     and HTTP: POST /v1/responses (SSE with "stream": true, else JSON) and GET /v1/models."""
     import signal
@@ -137,7 +141,8 @@ def fake_upstream(host, port, silence, mode, deltas, refuse_websocket):
 
     from .fake_upstream import FakeUpstream, make_server
 
-    app = FakeUpstream(mode=mode, silence=silence, deltas=deltas, refuse_websocket=refuse_websocket)
+    app = FakeUpstream(mode=mode, silence=silence, deltas=deltas, refuse_websocket=refuse_websocket,
+                       refuse=(refuse, retry_after) if refuse else None)
     server = make_server(app, host, port)
     try:
         server.start()

@@ -32,6 +32,7 @@ class Setting:
     exclusive_minimum: bool = False
     nullable: bool = False
     choices: tuple = ()
+    items: type = str  # a list's items: str, or dict (mappings checked further in _cross_check)
 
     def coerce(self, value):
         """Return ``value`` converted to this setting's type, or raise ValueError saying why."""
@@ -45,6 +46,10 @@ class Setting:
             if isinstance(value, str) and value.lower() in ("true", "yes", "on", "1", "false", "no", "off", "0"):
                 return value.lower() in ("true", "yes", "on", "1")
             raise ValueError("must be true or false, got %r" % (value,))
+        if self.type is list and self.items is dict:
+            if not isinstance(value, (list, tuple)) or not all(isinstance(v, dict) for v in value):
+                raise ValueError("must be a list of mappings")
+            return [dict(v) for v in value]
         if self.type is list:
             if isinstance(value, str):
                 value = [v.strip() for v in value.split(",") if v.strip()]
@@ -130,6 +135,21 @@ SETTINGS = (
     Setting("upstream.http_max_connections", int, 1024,
             "Upstream HTTP connections open at once (in use or kept alive for reuse); a request beyond it waits "
             "up to upstream.connect_timeout_seconds for one, then gets 503.", minimum=1),
+    Setting("upstream.accounts", list, [],
+            "Upstream accounts the relay chooses from at each dial: mappings with name, url and http_base_url "
+            "(default: the upstream.* ones), api_key or api_key_env, weight (default 1) and max_sessions "
+            "(default: no limit). Empty: one account named 'default' made of upstream.url, upstream.api_key and "
+            "upstream.api_key_env. Needs auth.keys (the accounts' credentials are the relay's).", items=dict),
+    Setting("upstream.max_failover_attempts", int, 3,
+            "After a dial or request answered 429, 401/403, 500-504 or a connect error/timeout, how many other "
+            "accounts are tried before the client gets the failure.", minimum=0),
+    Setting("upstream.default_cooldown_seconds", float, 60.0,
+            "How long an account answered 429 without Retry-After is left out of the choice.", minimum=0),
+    Setting("upstream.auth_failure_disable_seconds", float, 600.0,
+            "How long an account whose credential was refused (401/403) is left out of the choice.", minimum=0),
+    Setting("upstream.sticky_ttl_seconds", float, 3600.0,
+            "A conversation (session-id, thread-id or x-client-request-id header, or prompt_cache_key) goes to "
+            "the same account while it is usable, until this long after its last request. 0 = off.", minimum=0),
     Setting("upstream.ca_file", str, None, "Extra CA bundle (PEM) for verifying the upstream's TLS certificate. "
             "Verification is always on.", nullable=True),
     Setting("auth.keys", list, [], "Relay keys clients must present as 'Authorization: Bearer <key>'. "
@@ -249,6 +269,12 @@ class Config:
             key = os.environ.get(self.upstream.api_key_env) or None
         return key
 
+    def account_specs(self):
+        """The upstream accounts (:class:`wsrelay.accounts.AccountSpec`), the implicit ``default`` one included."""
+        from .accounts import parse_specs
+
+        return parse_specs(self.values)[0]
+
     @property
     def upstream_http_base_url(self):
         """``upstream.http_base_url``, else derived from ``upstream.url``: the scheme's HTTP twin and the path
@@ -343,6 +369,9 @@ def _cross_check(values):
     url = values["upstream.url"]
     if not (url.startswith("ws://") or url.startswith("wss://")):
         problems.append("upstream.url: must start with ws:// or wss://, got %r" % url)
+    from .accounts import parse_specs
+
+    problems.extend(parse_specs(values)[1])
     base = values["upstream.http_base_url"]
     if base and not (base.startswith("http://") or base.startswith("https://")):
         problems.append("upstream.http_base_url: must start with http:// or https://, got %r" % base)

@@ -21,8 +21,9 @@ import uuid
 
 import gevent
 
-from . import sniff, usage
+from . import accounts, sniff, usage
 from .clientwatch import ClientGone, ClientWatch
+from .failover import FAILOVER_UPSTREAM_STATUSES, Attempts, credential_header
 from .httpclient import HTTPUpstreamError, UpstreamHTTP
 from .httproutes import (RESPONSE_HOP_BY_HOP, RESPONSES, Refusal, content_length, status_line_for,
                          upstream_headers)
@@ -55,6 +56,7 @@ class Exchange:
         self.id = uuid.uuid4().hex
         self.started = time.monotonic()
         self.key_id = None
+        self.account = None
         self.status = None
         self.upstream_ms = None
         self.bytes_up = 0
@@ -80,11 +82,11 @@ class Exchange:
         try:
             if not self.app.accepting:
                 raise Refusal(503, "shutting_down", "the relay is shutting down", [("Retry-After", "5")])
-            self.key_id, authorization = self.app.authorize(self.environ)
+            self.key_id, passthrough = self.app.authorize(self.environ)
             with self.app.admitted(self.key_id):
                 self.transport.live.add(self)
                 try:
-                    self._forward(authorization)
+                    self._forward(passthrough)
                 finally:
                     self.transport.live.discard(self)
                     self._settle(usage.RELAY_SESSION_CLOSED)  # killed mid-turn: still on the books
@@ -96,7 +98,7 @@ class Exchange:
                        duration_ms=round((time.monotonic() - self.started) * 1000, 1),
                        upstream_ms=self.upstream_ms, bytes_up=self.bytes_up, bytes_down=self.bytes_down,
                        events=self.events, keepalives=self.keepalives, app_keepalives=self.app_keepalives,
-                       client_disconnected=self.client_disconnected)
+                       client_disconnected=self.client_disconnected, account=self.account)
         return []
 
     def refuse(self, refusal):
@@ -114,34 +116,65 @@ class Exchange:
                                                            ("Content-Length", str(len(body)))] + refusal.headers)
         return [body]
 
-    def _forward(self, authorization):
+    def _forward(self, passthrough):
         length = content_length(self.environ)
         limit = self.settings.max_request_body_bytes
         if length is not None and length > limit:
             raise Refusal(413, "request_too_large", "the request body is %d bytes; the limit is %d"
                           % (length, limit))
-        headers = upstream_headers(self.environ, authorization)
+        headers = upstream_headers(self.environ, None)
+        cache_key = model = None
         if self.kind == RESPONSES:
             body = self._read_body(limit)
-            self.ledger = usage.TurnLedger(self.id, self.key_id, transport="http")
+            length = len(body)
             model = sniff.model_hint(body[:4096])
-            response = self._request(headers, body, len(body))
-            self.ledger.start_turn(model)
+            cache_key = sniff.prompt_cache_key(body)
+        elif length or "chunked" in self.environ.get("HTTP_TRANSFER_ENCODING", "").lower():
+            body = self._stream_body(limit)  # streamed through: it cannot be sent a second time
         else:
-            response = self._request(headers, self._stream_body(limit), length)
+            body, self.body_read = b"", True
+        replayable = isinstance(body, bytes)
+        attempts = Attempts(self.app, self.key_id, accounts.identity(self.key_id, dict(headers), cache_key),
+                            passthrough is None, "http")
+        while True:
+            account = attempts.next()
+            if account is None:
+                raise attempts.refusal()
+            authorization = credential_header(account, passthrough)
+            sent = headers + [("authorization", authorization)] if authorization else headers
+            try:
+                response = self._request(account, sent, body, length)
+            except Refusal as refusal:
+                if attempts.failed(account, refusal.status, None, None, refusal.code, can_retry=replayable):
+                    continue
+                raise
+            if response.status in FAILOVER_UPSTREAM_STATUSES and attempts.failed(
+                    account, response.status, response.status, response.header("retry-after"),
+                    can_retry=replayable):
+                response.close()  # its body is not read: the connection is not reused
+                continue
+            break
+        if response.status not in FAILOVER_UPSTREAM_STATUSES:
+            attempts.succeeded(account)
+        self.account = account.name
+        if self.kind == RESPONSES:
+            self.ledger = usage.TurnLedger(self.id, self.key_id, transport="http", account=account.name)
+            self.ledger.start_turn(model)
+        self.app.pool.acquire(account)
         try:
             self._respond(response)
         finally:
             response.close()
+            self.app.pool.release(account)
 
-    def _request(self, headers, body, length):
-        client = self.transport.client()
+    def _request(self, account, headers, body, length):
+        client = self.transport.client(account)
         started = time.monotonic()
         try:
             response = client.request(self.method, self.target, headers, body, length)
         except HTTPUpstreamError as exc:
             self.trace("http_upstream_failed", status=exc.status, code=exc.code, error=exc.message,
-                       key_id=self.key_id)
+                       key_id=self.key_id, account=account.name)
             raise Refusal(exc.status, exc.code, exc.message)
         self.upstream_ms = round((time.monotonic() - started) * 1000, 2)
         return response
@@ -291,7 +324,7 @@ class Exchange:
         if not isinstance(obj, dict) or not isinstance(obj.get("usage"), dict):
             return
         if self.ledger is None:
-            self.ledger = usage.TurnLedger(self.id, self.key_id, transport="http")
+            self.ledger = usage.TurnLedger(self.id, self.key_id, transport="http", account=self.account)
             self.ledger.start_turn(None)
         kind = _TERMINAL_STATUS.get(obj.get("status"), "response.completed")
         self._record(self.ledger.on_event({"type": kind, "response": obj},
@@ -403,24 +436,24 @@ class HTTPTransport:
     def __init__(self, app):
         self.app = app
         self.live = set()  # the exchanges in progress
-        self._client = None
-        self._client_key = None
+        self._clients = {}  # account name -> (settings, UpstreamHTTP)
 
     def __call__(self, environ, start_response, kind, target):
         return Exchange(self, environ, start_response, kind, target).run()
 
-    def client(self):
-        """The upstream client for the current configuration (rebuilt when a reload changed its settings)."""
+    def client(self, account):
+        """The upstream client of ``account`` (rebuilt when a reload changed its settings)."""
         config = self.app.config
         up = config.upstream
-        key = (config.upstream_http_base_url, up.connect_timeout_seconds, up.http_read_timeout_seconds,
+        key = (account.spec.http_base_url, up.connect_timeout_seconds, up.http_read_timeout_seconds,
                up.http_max_connections, id(self.app.tls_context))
-        if key != self._client_key:
-            old, self._client = self._client, UpstreamHTTP(key[0], key[1], key[2], key[3], self.app.tls_context)
-            self._client_key = key
-            if old is not None:
-                old.close()
-        return self._client
+        held = self._clients.get(account.name)
+        if held is None or held[0] != key:
+            if held is not None:
+                held[1].close()
+            held = self._clients[account.name] = (key, UpstreamHTTP(key[0], key[1], key[2], key[3],
+                                                                    self.app.tls_context))
+        return held[1]
 
     def app_keepalive(self, environ):
         ws = self.app.config.gateway.openai_ws
@@ -429,9 +462,9 @@ class HTTPTransport:
                                     environ.get("HTTP_ORIGINATOR"), environ.get("HTTP_USER_AGENT"))
 
     def close(self):
-        if self._client is not None:
-            self._client.close()
-            self._client = None
+        for _, client in self._clients.values():
+            client.close()
+        self._clients.clear()
 
 
 def _left(deadline):

@@ -30,6 +30,10 @@ def http_exchange(app, environ, start_response, turn_events):
     app.http_peers.append(environ.get("REMOTE_PORT"))
     if app.require_authorization and environ.get("HTTP_AUTHORIZATION") != app.require_authorization:
         return _error(start_response, 401, "invalid_api_key", "fake upstream: wrong credential")
+    if app.refuse:
+        status, retry_after = app.refuse
+        return _error(start_response, status, "fake_refusal", "fake upstream: refused with %d" % status,
+                      [("Retry-After", str(retry_after))] if retry_after is not None else [])
     if path in MODELS_PATHS:
         if method != "GET":
             return _error(start_response, 405, "method_not_allowed", "use GET")
@@ -66,6 +70,8 @@ def http_exchange(app, environ, start_response, turn_events):
         gevent.sleep(app.silence)
     if app.mode == "error":
         return _error(start_response, 500, "server_error", "fake failure")
+    if app.mode == "quota-mid":
+        return _error(start_response, 429, "rate_limit_exceeded", "fake upstream: rate limit reached for requests")
     response = dict(tail[-1]["response"])
     response.setdefault("output", [])
     return _json(start_response, 200, response)
@@ -95,7 +101,8 @@ def _json(start_response, status, payload):
     return [body]
 
 
-def _error(start_response, status, code, message):
+def _error(start_response, status, code, message, headers=()):
     body = error_body(status, code, message)
-    start_response(status_line(status), [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
+    start_response(status_line(status), [("Content-Type", "application/json"), ("Content-Length", str(len(body)))]
+                   + list(headers))
     return [body]

@@ -8,6 +8,8 @@ according to ``mode``:
 ``normal``     ``response.output_item.done`` + ``response.completed`` with usage
 ``error``      ``error`` (status 500) followed by ``response.failed`` for the same turn (HTTP without streaming:
                a 500 with OpenAI's error body)
+``quota-mid``  ``error`` with status 429 and code ``rate_limit_exceeded`` in the middle of the turn, the way a
+               quota runs out mid-session (HTTP without streaming: a 429)
 ``close-mid``  WebSocket: a close frame 1011 in the middle of the turn; HTTP: the event stream ends there
 ``drop-mid``   a TCP reset in the middle of the turn (no close frame, no end of the HTTP body)
 ``echo``       no Responses events: every data message comes back as it was sent (same opcode); over HTTP the
@@ -15,6 +17,8 @@ according to ``mode``:
 
 ``refuse_websocket`` (an HTTP status, e.g. 426) makes it an HTTP-only upstream: every WebSocket handshake is
 answered with that status and an OpenAI-shaped JSON error (a client such as Codex then falls back to HTTP).
+``refuse`` (``(status, retry_after)``; settable while it runs) answers every request on both transports with that
+status (and ``Retry-After`` unless None): an account that is rate-limited (429), refused (401) or down (503).
 
 A ``response.create`` with ``"generate": false`` (Codex's prewarm) is answered with ``response.created`` and a
 ``response.completed`` with zero usage, whatever the mode.  A non-streaming request gets the final Response
@@ -34,7 +38,7 @@ from .fake_http import http_exchange
 from .frames import OP_CLOSE, OP_CONTINUATION, OP_PING, OP_PONG, OP_TEXT
 from .websocket import RelayHandler
 
-MODES = ("normal", "error", "close-mid", "drop-mid", "echo")
+MODES = ("normal", "error", "quota-mid", "close-mid", "drop-mid", "echo")
 
 
 class ConnectionClosed(Exception):
@@ -134,7 +138,11 @@ def turn_events(request, mode="normal", deltas=3, usage=None):
             {"type": "response.output_item.added", "output_index": 0, "item": item}]
     head += [{"type": "response.output_text.delta", "item_id": item["id"], "output_index": 0,
               "content_index": 0, "delta": text} for text in delta_texts(deltas)]
-    if mode == "error":
+    if mode == "quota-mid":
+        tail = [{"type": "error", "status": 429, "error": {
+            "type": "requests", "code": "rate_limit_exceeded",
+            "message": "fake upstream: rate limit reached for requests"}}]
+    elif mode == "error":
         tail = [{"type": "error", "status": 500, "error": {"type": "server_error", "message": "fake failure"}},
                 {"type": "response.failed", "response": dict(base, status="failed", usage=usage)}]
     else:
@@ -150,7 +158,7 @@ class FakeUpstream:
     """The WSGI app + ``accept_websocket`` of the fake upstream.  ``handshakes`` keeps each request's headers."""
 
     def __init__(self, mode="normal", silence=0.0, deltas=3, usage=None, response_headers=(),
-                 require_authorization=None, refuse_websocket=None):
+                 require_authorization=None, refuse_websocket=None, refuse=None):
         if mode not in MODES:
             raise ValueError("mode must be one of %s" % ", ".join(MODES))
         if refuse_websocket is not None and not 400 <= refuse_websocket <= 599:
@@ -162,6 +170,7 @@ class FakeUpstream:
         self.response_headers = list(response_headers)
         self.require_authorization = require_authorization
         self.refuse_websocket = refuse_websocket
+        self.refuse = refuse  # (status, Retry-After or None): every request gets it, on both transports
         self.handshakes = []
         self.http_requests = []   # (method, path, headers) of each HTTP request
         self.http_peers = []      # the client port of each HTTP request (one per upstream connection)
@@ -178,6 +187,10 @@ class FakeUpstream:
                                 if k.startswith("HTTP_")})
         if self.require_authorization and environ.get("HTTP_AUTHORIZATION") != self.require_authorization:
             return handler.refuse(401, "invalid_api_key", "fake upstream: wrong credential")
+        if self.refuse:
+            status, retry_after = self.refuse
+            return handler.refuse(status, "fake_refusal", "fake upstream: refused with %d" % status,
+                                  [("Retry-After", str(retry_after))] if retry_after is not None else [])
         if self.refuse_websocket:
             return handler.refuse(self.refuse_websocket, "websocket_not_supported",
                                   "fake upstream: WebSocket is not served here; use HTTP (POST /v1/responses)")

@@ -10,9 +10,11 @@ import time
 import gevent
 import gevent.event
 
-from . import auth, httproutes, upstream
+from . import accounts, auth, httproutes, upstream
 from .config import ConfigError
+from .accounts import AccountPool
 from .exchange import HTTPTransport
+from .failover import Attempts, credential_header
 from .httproutes import Refusal
 from .handshake import HandshakeGuard, RelayServer
 from .keepalive import app_keepalive_choice
@@ -30,6 +32,7 @@ class RelayApp:
         self.store = store
         self.keys = auth.KeyRing(config.auth.keys)
         self.tls_context = upstream.tls_context(config.upstream.ca_file)
+        self.pool = AccountPool(config.account_specs(), config.upstream.sticky_ttl_seconds)
         self.allowed_origins = frozenset(o.rstrip("/") for o in config.server.allowed_origins)
         self.sessions = set()
         self.per_key = collections.Counter()  # sessions (and dials in progress) per key id
@@ -50,8 +53,14 @@ class RelayApp:
                 state.update(_process_state())  # walks the heap: for diagnostics and soak tests, not probes
             return _json(start_response, 200, state)
         if path == "/readyz":
-            return _json(start_response, 200 if self.accepting else 503,
-                         {"ready": self.accepting, "sessions": len(self.sessions)})
+            accounts_ready = self.pool.ready(time.monotonic())
+            ready = self.accepting and accounts_ready
+            return _json(start_response, 200 if ready else 503,
+                         {"ready": ready, "sessions": len(self.sessions), "accepting": self.accepting,
+                          "upstream_accounts_usable": accounts_ready})
+        if path == "/accounts":
+            now = time.monotonic()
+            return _json(start_response, 200, {"accounts": self.pool.status(now), "ready": self.pool.ready(now)})
         if path == "/metrics":
             content_type, body = self.metrics.render()
             start_response("200 OK", [("Content-Type", content_type), ("Content-Length", str(len(body)))])
@@ -88,15 +97,16 @@ class RelayApp:
         if origin and self.allowed_origins and origin.rstrip("/") not in self.allowed_origins:
             return self.refuse(handler, 403, "origin_not_allowed", "origin %s is not allowed" % origin[:200])
         try:
-            key_id, authorization = self.authorize(environ)
+            key_id, passthrough = self.authorize(environ)
             with self.admitted(key_id):
-                self._relay(handler, environ, key_id, authorization)
+                self._relay(handler, environ, key_id, passthrough)
         except Refusal as refusal:
             self.refuse(handler, refusal.status, refusal.code, refusal.message, refusal.headers)
 
     def authorize(self, environ):
-        """``(key_id, authorization)`` for a client request, both transports: the key's id (None without one)
-        and the Authorization the upstream gets.  Raises :class:`Refusal` (401, or 503 without a credential)."""
+        """``(key_id, passthrough)`` for a client request, both transports: the key's id (None without one), and
+        in passthrough mode the client's own Authorization ("" when it sent none; None when relay keys are on
+        and the account's credential goes upstream).  Raises :class:`Refusal` (401) for a missing or bad key."""
         client_authorization = environ.get("HTTP_AUTHORIZATION")
         token = auth.bearer_token(client_authorization)
         if self.keys.enabled:
@@ -104,13 +114,10 @@ class RelayApp:
                 message = ("missing relay key: send Authorization: Bearer <key>" if token is None
                            else "invalid relay key")
                 raise Refusal(401, "invalid_api_key", message, [("WWW-Authenticate", "Bearer")])
-            credential = self.config.upstream_api_key()
-            if not credential:
-                raise Refusal(503, "upstream_credential_missing", "the relay has no upstream credential configured")
-            authorization = "Bearer " + credential
+            passthrough = None
         else:
-            authorization = client_authorization  # passthrough: the client's own credential goes upstream
-        return (auth.key_id(token) if token else None), authorization
+            passthrough = client_authorization or ""  # the client's own credential goes upstream
+        return (auth.key_id(token) if token else None), passthrough
 
     @contextlib.contextmanager
     def admitted(self, key_id):
@@ -132,18 +139,39 @@ class RelayApp:
             if not self.per_key[key_id]:
                 del self.per_key[key_id]
 
-    def _relay(self, handler, environ, key_id, authorization):
+    def _relay(self, handler, environ, key_id, passthrough):
+        headers = upstream.select_headers(environ)
+        attempts = Attempts(self, key_id, accounts.identity(key_id, dict(headers)), passthrough is None,
+                            "websocket")
+        while True:
+            account = attempts.next()
+            if account is None:
+                refusal = attempts.refusal()
+                return self.refuse(handler, refusal.status, refusal.code, refusal.message, refusal.headers)
+            try:
+                up = upstream.dial(account.spec.url, headers,
+                                   authorization=credential_header(account, passthrough),
+                                   subprotocols=header_tokens(environ.get("HTTP_SEC_WEBSOCKET_PROTOCOL")),
+                                   timeout=self.config.upstream.connect_timeout_seconds,
+                                   context=self.tls_context)
+            except upstream.DialError as exc:
+                self.tracer.emit("dial_failed", status=exc.status, code=exc.code, error=exc.message, key_id=key_id,
+                                 account=account.name)
+                if attempts.failed(account, exc.status, exc.upstream_status, exc.retry_after, exc.code):
+                    continue
+                headers = [("Retry-After", exc.retry_after)] if exc.retry_after else []
+                return self.refuse(handler, exc.status, exc.code, exc.message, headers)
+            break
+        attempts.succeeded(account)
+        self.pool.acquire(account)
         try:
-            up = upstream.dial(self.config.upstream.url, upstream.select_headers(environ),
-                               authorization=authorization,
-                               subprotocols=header_tokens(environ.get("HTTP_SEC_WEBSOCKET_PROTOCOL")),
-                               timeout=self.config.upstream.connect_timeout_seconds,
-                               context=self.tls_context)
-        except upstream.DialError as exc:
-            self.tracer.emit("dial_failed", status=exc.status, code=exc.code, error=exc.message, key_id=key_id)
-            headers = [("Retry-After", exc.retry_after)] if exc.retry_after else []
-            return self.refuse(handler, exc.status, exc.code, exc.message, headers)
-        self.tracer.emit("dial_ok", key_id=key_id, dial_ms=round(up.dial_ms, 2), client=_client(handler))
+            self._session(handler, environ, key_id, account, up)
+        finally:
+            self.pool.release(account)
+
+    def _session(self, handler, environ, key_id, account, up):
+        self.tracer.emit("dial_ok", key_id=key_id, dial_ms=round(up.dial_ms, 2), client=_client(handler),
+                         account=account.name)
         try:
             switched = handler.switch_protocols(up.returned_headers(), up.subprotocol)
         except ValueError as exc:
@@ -160,7 +188,7 @@ class RelayApp:
                                              environ.get("HTTP_ORIGINATOR"), environ.get("HTTP_USER_AGENT"))
         sock, initial = handler.take_over()
         session = Session(sock, up.sock, self.config, self.tracer, self.store, key_id=key_id, initial=initial,
-                          up_initial=up.initial, app_keepalive=app_keepalive)
+                          up_initial=up.initial, app_keepalive=app_keepalive, account=account.name)
         self.sessions.add(session)
         if not self.accepting:
             session.shutdown()
@@ -173,6 +201,8 @@ class RelayApp:
     def reconfigure(self, config):
         """Take a reloaded configuration: keys, limits, origins and timers apply to sessions from now on."""
         self.keys = auth.KeyRing(config.auth.keys)
+        self.pool.reload(config.account_specs())
+        self.pool.sticky_ttl = config.upstream.sticky_ttl_seconds
         if config.upstream.ca_file != self.config.upstream.ca_file:
             self.tls_context = upstream.tls_context(config.upstream.ca_file)
         self.allowed_origins = frozenset(o.rstrip("/") for o in config.server.allowed_origins)
@@ -196,12 +226,12 @@ def _json(start_response, status, payload):
 
 
 def _ops_only(app):
-    """The WSGI app of the separate metrics listener: /metrics, /healthz and /readyz only."""
+    """The WSGI app of the separate metrics listener: /metrics, /healthz, /readyz and /accounts only."""
 
     def ops(environ, start_response):
-        if environ.get("PATH_INFO") in ("/metrics", "/healthz", "/readyz"):
+        if environ.get("PATH_INFO") in ("/metrics", "/healthz", "/readyz", "/accounts"):
             return app(environ, start_response)
-        body = error_body(404, "not_found", "this listener serves /metrics, /healthz and /readyz")
+        body = error_body(404, "not_found", "this listener serves /metrics, /healthz, /readyz and /accounts")
         start_response(status_line(404), [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
         return [body]
 

@@ -35,7 +35,8 @@ class Session:
     """
 
     def __init__(self, down_sock, up_sock, config, tracer, store=None, key_id=None, initial=b"",
-                 session_id=None, ping_supported=True, up_initial=b"", app_keepalive=(False, "not_codex")):
+                 session_id=None, ping_supported=True, up_initial=b"", app_keepalive=(False, "not_codex"),
+                 account=None):
         self.id = session_id or uuid.uuid4().hex[:12]
         self.down_sock = down_sock
         self.up_sock = up_sock
@@ -51,7 +52,8 @@ class Session:
         self.down = FrameStream(True, read_limit=ws.client_read_limit_bytes, initial=initial)
         self.up = FrameStream(False, max_event_bytes=config.usage.max_event_bytes, initial=up_initial)
         self.writer = DownstreamWriter(down_sock, ws.write_timeout_seconds, self._write_failed, ping_supported)
-        self.ledger = usage.TurnLedger(self.id, key_id)
+        self.account = account
+        self.ledger = usage.TurnLedger(self.id, key_id, account=account)
         self.timer = SessionTimer(self)
         self.pong_event = Event()
         self.turn_changed = Event()  # set when a turn starts or ends (the app keepalive waits on it)

@@ -58,3 +58,12 @@ def model_hint(prefix):
     """The request's model when it shows in the first bytes of a ``response.create`` (a fallback for billing)."""
     match = _MODEL.search(prefix)
     return match.group(1).decode("utf-8", "replace") if match else None
+
+
+_CACHE_KEY = re.compile(rb'"prompt_cache_key"\s*:\s*"([^"\\]{1,256})"')
+
+
+def prompt_cache_key(body):
+    """A request body's ``prompt_cache_key`` (the conversation's, for sticking it to one account), or None."""
+    match = _CACHE_KEY.search(body)
+    return match.group(1).decode("utf-8", "replace") if match else None

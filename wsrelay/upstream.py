@@ -69,12 +69,13 @@ _handshake.read_headers = _read_headers
 class DialError(Exception):
     """The upstream handshake failed; ``status`` is the HTTP status for the client, ``code`` an error code."""
 
-    def __init__(self, status, code, message, retry_after=None):
+    def __init__(self, status, code, message, retry_after=None, upstream_status=None):
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
         self.retry_after = retry_after
+        self.upstream_status = upstream_status  # the upstream's own answer; None when it could not be reached
 
 
 class Upstream:
@@ -382,16 +383,18 @@ class _HandshakeReader:
 
 def _status_error(status, headers):
     if status in (401, 403):
-        return DialError(status, "upstream_auth_failed", "upstream refused the credential (HTTP %d)" % status)
+        return DialError(status, "upstream_auth_failed", "upstream refused the credential (HTTP %d)" % status,
+                         upstream_status=status)
     if status == 429:
         return DialError(429, "rate_limit_exceeded", "upstream rate limit reached (HTTP 429)",
-                         retry_after=headers.get("retry-after"))
+                         retry_after=headers.get("retry-after"), upstream_status=429)
     if status == 426:
         # The upstream serves Responses over HTTP only: Codex falls back to HTTP at once on a 426 (after a
         # 502 only once its retries are spent), and the relay serves that transport too.
         return DialError(426, "websocket_not_supported", "upstream does not take WebSocket connections; use "
-                         "the HTTP transport (POST /v1/responses)")
-    return DialError(502, "upstream_handshake_refused", "upstream refused the WebSocket handshake (HTTP %d)" % status)
+                         "the HTTP transport (POST /v1/responses)", upstream_status=426)
+    return DialError(502, "upstream_handshake_refused", "upstream refused the WebSocket handshake (HTTP %d)" % status,
+                     upstream_status=status)
 
 
 def _describe(exc):

@@ -166,6 +166,7 @@ class UsageRecord:
     started_at: float = 0.0
     duration_ms: int = 0
     transport: str = "websocket"  # how the client reached the relay: "websocket" or "http"
+    account: str = None  # the upstream account that served it
 
     def to_dict(self):
         return asdict(self)
@@ -231,10 +232,11 @@ class TurnLedger:
     into it, so the response is billed once.
     """
 
-    def __init__(self, session_id, key_id=None, clock=time.time, transport="websocket"):
+    def __init__(self, session_id, key_id=None, clock=time.time, transport="websocket", account=None):
         self.session_id = session_id
         self.key_id = key_id
         self.transport = transport
+        self.account = account
         self._clock = clock
         self._open = []  # _Turn, in request order
         self._pending_error = None
@@ -294,7 +296,7 @@ class TurnLedger:
                 session_id=self.session_id, response_id=turn.response_id, model=turn.model_hint,
                 key_id=self.key_id, terminal_event=terminal_event, client_disconnected=bool(client_disconnected),
                 started_at=turn.started_at, duration_ms=_elapsed_ms(turn.started_at, now),
-                transport=self.transport))
+                transport=self.transport, account=self.account))
         return out
 
     def close(self):
@@ -351,6 +353,7 @@ class TurnLedger:
             started_at=started,
             duration_ms=_elapsed_ms(started, now),
             transport=self.transport,
+            account=self.account,
             **extract_usage(event))
 
     def _merge_failed(self, event, client_disconnected, now):
