@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 ACCOUNT_FIELDS = ("name", "url", "http_base_url", "api_key", "api_key_env", "weight", "max_sessions")
 DEFAULT = "default"
 USABLE, COOLING, DISABLED, FULL = "usable", "cooling_down", "disabled", "full"
+STATES = (USABLE, COOLING, DISABLED, FULL)
 STICKY_HEADERS = ("session-id", "thread-id", "x-client-request-id")
 STICKY_MAX = 100000  # conversations remembered at most (the oldest are forgotten first)
 

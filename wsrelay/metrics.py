@@ -5,9 +5,12 @@ the relay's paths; what is live (bytes and frames of open sessions, the usage st
 time.  Served as ``GET /metrics`` (and on ``server.metrics_listen`` when set).
 """
 
+import time
+
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from .accounts import STATES as ACCOUNT_STATES
 from .usage import TOKEN_FIELDS
 
 TOKEN_KINDS = tuple(name for name in TOKEN_FIELDS if name != "total_tokens")  # total is their sum
@@ -51,6 +54,13 @@ class Metrics:
         self.http_keepalives = Counter("wsrelay_http_keepalives", "Keepalives written into HTTP event streams, by "
                                        "kind (comment: ': keepalive'; app: the event Codex's watchdog counts)",
                                        ["kind"], registry=registry)
+        self.account_dials = Counter("wsrelay_account_dials", "Upstream dials and HTTP requests by account and "
+                                     "outcome (ok, rate_limited, auth_failed, server_error, unreachable, timeout, "
+                                     "refused)", ["account", "outcome"], registry=registry)
+        self.account_failovers = Counter("wsrelay_account_failovers", "Attempts moved on to another account, by the "
+                                         "account that failed", ["account"], registry=registry)
+        self.account_cooldowns = Counter("wsrelay_account_cooldowns", "Cooldowns started (a 429 or a quota error), "
+                                         "by account", ["account"], registry=registry)
         self.lingering_closes = Counter("wsrelay_lingering_closes", "Lingering closes after the relay's own close, "
                                         "by side and how they ended (close, eof, reset, timeout, idle, max_bytes)",
                                         ["side", "outcome"], registry=registry)
@@ -111,6 +121,15 @@ def _http_request(metrics, fields):
             metrics.http_keepalives.labels(kind).inc(fields[name])
 
 
+def _account_dial(metrics, fields):
+    account, outcome = str(fields.get("account")), str(fields.get("outcome"))
+    metrics.account_dials.labels(account, outcome).inc()
+    if fields.get("failover"):
+        metrics.account_failovers.labels(account).inc()
+    if outcome == "rate_limited":
+        metrics.account_cooldowns.labels(account).inc()
+
+
 _HANDLERS = {
     "dial_ok": _dial_ok,
     "dial_failed": _dial_failed,
@@ -126,6 +145,8 @@ _HANDLERS = {
     "accept_failed": lambda m, f: m.accept_pauses.labels(str(f.get("error"))).inc(),
     "usage_recorded": _usage,
     "http_request": _http_request,
+    "account_dial": _account_dial,
+    "account_quota_exhausted": lambda m, f: m.account_cooldowns.labels(str(f.get("account"))).inc(),
     "lingering_close": lambda m, f: m.lingering_closes.labels(str(f.get("side")), str(f.get("outcome"))).inc(),
 }
 
@@ -157,6 +178,20 @@ class _LiveCollector:
             for direction in DIRECTIONS:
                 family.add_metric([direction], metrics._completed[name][direction] + live[name][direction])
             yield family
+        pool = getattr(metrics.app, "pool", None)
+        if pool is not None:
+            now = time.monotonic()
+            live = GaugeMetricFamily("wsrelay_account_live_sessions", "Live sessions and HTTP requests in flight, "
+                                     "by upstream account", labels=["account"])
+            states = GaugeMetricFamily("wsrelay_account_state", "Each upstream account's state (1 for the "
+                                       "current one)", labels=["account", "state"])
+            for account in pool.accounts.values():
+                live.add_metric([account.name], account.live)
+                current = account.state(now)
+                for state in ACCOUNT_STATES:
+                    states.add_metric([account.name, state], 1 if state == current else 0)
+            yield live
+            yield states
         store = metrics.store
         if store is not None:
             yield GaugeMetricFamily("wsrelay_usage_store_queue_depth", "Usage records not yet durable",

@@ -47,7 +47,8 @@ def _normalise(record):
     return out
 
 
-GROUP_KEYS = {"key": "key_id", "model": "model", "day": "day", "event": "terminal_event"}
+GROUP_KEYS = {"key": "key_id", "model": "model", "day": "day", "event": "terminal_event", "account": "account",
+              "transport": "transport"}
 GROUP_SUMS = ("turns",) + TOKEN_FIELDS + ("disconnected_turns",)
 
 
