@@ -213,3 +213,59 @@ def test_accounts_need_relay_keys_and_a_credential_each():
     problems = "\n".join(failure.value.problems)
     assert "needs auth.keys" in problems and "used twice" in problems and "needs api_key" in problems
     assert "sk-secret-1" not in problems
+
+
+def test_failover_between_separate_upstream_processes_with_a_served_relay(serve, tmp_path):
+    """Every part its own process: two ``wsrelay fake-upstream`` (one answering 429 with Retry-After: 1) and
+    ``wsrelay serve`` with the accounts' keys in its environment."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO
+
+    ports = [free_port(), free_port()]
+    fakes = [subprocess.Popen([sys.executable, "-m", "wsrelay", "fake-upstream", "--port", str(port)] + extra,
+                              cwd=REPO, stderr=subprocess.DEVNULL)
+             for port, extra in zip(ports, (["--refuse", "429", "--retry-after", "1"], []))]
+    try:
+        for port in ports:
+            wait_until(lambda: _accepts(port), timeout=15, what="fake upstream on %d" % port)
+        relay_port = free_port()
+        path = tmp_path / "relay.yaml"
+        path.write_text(json.dumps({
+            "server": {"port": relay_port}, "auth": {"keys": [KEY]},
+            "usage": {"sqlite_path": str(tmp_path / "usage.db")},
+            "upstream": {"accounts": [
+                {"name": "limited", "url": "ws://127.0.0.1:%d/v1/responses" % ports[0], "api_key_env": "KEY_A"},
+                {"name": "healthy", "url": "ws://127.0.0.1:%d/v1/responses" % ports[1], "api_key_env": "KEY_B"}]}}))
+        relay = serve("--config", str(path), env=dict(os.environ, KEY_A="sk-a", KEY_B="sk-b"))
+        relay.wait_listening(relay_port)
+        url = "ws://127.0.0.1:%d/v1/responses" % relay_port
+        ws_turn(url).close()
+        wait_until(lambda: "stage=usage_recorded" in relay.stderr(), what="the turn recorded")
+        lines = relay.stderr()
+        assert "account=limited outcome=rate_limited" in lines and "cooldown_s=1" in lines
+        assert "account=healthy" in [line for line in relay.lines if "stage=usage_recorded" in line][0]
+        response, body = post(url)  # HTTP while 'limited' cools down: it is not tried
+        assert response.status == 200
+        assert relay.stderr().count("account=limited outcome=rate_limited") == 1
+        time.sleep(1.2)
+        for _ in range(2):  # the cooldown is over: 'limited' is back in the round robin, and fails over again
+            ws_turn(url).close()
+        wait_until(lambda: relay.stderr().count("account=limited outcome=rate_limited") == 2, what="retry")
+        assert "sk-a" not in relay.stderr() and "sk-b" not in relay.stderr()
+    finally:
+        for proc in fakes:
+            proc.terminate()
+            proc.wait(timeout=5)
+
+
+def _accepts(port):
+    import socket
+
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+        return True
+    except OSError:
+        return False
