@@ -215,9 +215,11 @@ class Exchange:
 
     def _respond(self, response):
         self.status = response.status
-        headers = [(name, value) for name, value in response.headers if name.lower() not in RESPONSE_HOP_BY_HOP]
         content_type = (response.header("content-type") or "").lower()
         streaming = content_type.startswith("text/event-stream")
+        dropped = RESPONSE_HOP_BY_HOP | {"content-length"} if streaming else RESPONSE_HOP_BY_HOP
+        # An event stream is sent chunked (or to the close) whatever its length upstream: keepalives go into it.
+        headers = [(name, value) for name, value in response.headers if name.lower() not in dropped]
         if self.handler is not None:
             self.handler.stream_response(self.settings.write_timeout_seconds)
         self.write = self.start_response(status_line_for(response.status, response), headers)

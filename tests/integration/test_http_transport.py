@@ -373,3 +373,21 @@ def test_a_forced_stop_cuts_the_client_and_still_bills_the_turn(http_relay, rela
     record = store.wait(1, timeout=5)[0]
     assert record["terminal_event"] == "response.completed" and record["client_disconnected"]
     conn.close()
+
+
+def test_an_event_stream_with_a_length_upstream_is_chunked_so_keepalives_fit(relay, start_server, store):
+    def upstream(environ, start_response):
+        environ["wsgi.input"].read()
+        body = (b"event: response.created\ndata: {\"type\":\"response.created\",\"response\":{\"id\":\"r1\"}}\n\n"
+                + b"event: response.completed\ndata: {\"type\":\"response.completed\",\"response\":{\"id\":\"r1\","
+                b"\"usage\":{\"input_tokens\":1,\"output_tokens\":2}}}\n\n")
+        start_response("200 OK", [("Content-Type", "text/event-stream"), ("Content-Length", str(len(body)))])
+        return [body]
+
+    port = port_of(relay("ws://127.0.0.1:%d/v1/responses" % start_server(upstream)))
+    conn, response = request(port, body=turn(), key=None)
+    assert response.getheader("Content-Length") is None and response.getheader("Transfer-Encoding") == "chunked"
+    events, _, _ = read_stream(response)
+    assert [e[0] for e in events] == ["response.created", "response.completed"]
+    assert store.wait(1)[0]["total_tokens"] == 3
+    conn.close()
