@@ -179,6 +179,13 @@ def test_a_masked_upstream_frame_is_a_violation_after_the_events_before_it():
     assert actions[2].code == frames.CLOSE_PROTOCOL_ERROR and actions[2].pending == bad
 
 
+def test_a_control_frame_split_across_reads_is_counted_once():
+    data = plain(OP_TEXT, DELTA) + plain(OP_PING, b"ping") + plain(OP_TEXT, DELTA)
+    stream = upstream_stream()
+    feed_in_pieces(stream, data, list(range(1, len(data))))
+    assert (stream.walker.frames, stream.walker.data_frames) == (3, 2)
+
+
 def test_forwarded_bytes_are_the_input_less_only_what_the_relay_consumes():
     rng = random.Random(6455)
     for _ in range(300):

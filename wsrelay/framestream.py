@@ -210,6 +210,7 @@ class FrameStream:
             if opcode >= OP_CLOSE:
                 frame_end = pos + header_length + length
                 if frame_end > end:
+                    walker.frames -= 1  # not taken yet: counted when it is
                     break
                 payload = view[pos + header_length:frame_end]
                 if opcode == OP_PING:
