@@ -129,3 +129,9 @@ def test_retry_after_reads_seconds_and_http_dates():
     assert retry_after_seconds("soon", 60) == 60
     assert retry_after_seconds("Wed, 21 Oct 2015 07:28:30 GMT", 60, now_wall=1445412500) == 10
     assert retry_after_seconds("Wed, 21 Oct 2015 07:28:00 GMT", 60, now_wall=1445412500) == 0
+
+
+def test_retry_after_that_is_not_a_finite_number_gets_the_default():
+    # "inf" would cool an account down for ever (and break the 503's Retry-After); "nan" would not at all.
+    for value in ("inf", "-inf", "nan", "Infinity", "1e999"):
+        assert retry_after_seconds(value, 60) == 60, value

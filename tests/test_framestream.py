@@ -3,12 +3,21 @@
 import json
 import random
 
-from wsrelay import frames
-from wsrelay.framestream import (CloseArrived, FrameStream, Forward, LedgerEvent, PingArrived, PongArrived,
-                                 TurnStarted, Violation)
+import pytest
+
+from wsrelay import framestream, frames
+from wsrelay.framestream import (CloseArrived, FrameStream, Forward, HeldEvent, LedgerEvent, PingArrived,
+                                 PongArrived, TurnStarted, Violation)
 from wsrelay.frames import OP_BINARY, OP_CLOSE, OP_CONTINUATION, OP_PING, OP_PONG, OP_TEXT
+from wsrelay.walk import PyWalker
 
 CREATE = json.dumps({"type": "response.create", "model": "gpt-5", "input": [{"role": "user", "content": "hi"}]})
+try:
+    from wsrelay._speedups import Walker as CWalker
+except ImportError:  # test_walk reports it; the pure-Python walk is still tested
+    CWalker = None
+WALKERS = [PyWalker] + ([CWalker] if CWalker else [])
+
 COMPLETED = json.dumps({"type": "response.completed", "response": {"id": "resp_1", "usage": {"input_tokens": 3}}})
 DELTA = json.dumps({"type": "response.output_text.delta", "delta": "hello"})
 
@@ -179,6 +188,13 @@ def test_a_masked_upstream_frame_is_a_violation_after_the_events_before_it():
     assert actions[2].code == frames.CLOSE_PROTOCOL_ERROR and actions[2].pending == bad
 
 
+def test_a_control_frame_split_across_reads_is_counted_once():
+    data = plain(OP_TEXT, DELTA) + plain(OP_PING, b"ping") + plain(OP_TEXT, DELTA)
+    stream = upstream_stream()
+    feed_in_pieces(stream, data, list(range(1, len(data))))
+    assert (stream.walker.frames, stream.walker.data_frames) == (3, 2)
+
+
 def test_forwarded_bytes_are_the_input_less_only_what_the_relay_consumes():
     rng = random.Random(6455)
     for _ in range(300):
@@ -197,3 +213,117 @@ def test_forwarded_bytes_are_the_input_less_only_what_the_relay_consumes():
         assert forwarded(actions) == data
         ledger = (COMPLETED.encode(), b'{"type":"response.created"}')
         assert sum(isinstance(a, LedgerEvent) for a in actions) == sum(p[2:] in ledger for p in pieces)
+
+
+# -- upstream -> client, holding back what may be an error event (quota failover) -------------------------------
+
+ERROR = json.dumps({"type": "error", "status": 429, "error": {"type": "requests", "code": "rate_limit_exceeded",
+                                                              "message": "Rate limit reached"}})
+CREATED = json.dumps({"type": "response.created", "response": {"id": "resp_1"}})
+
+
+@pytest.fixture(params=WALKERS, ids=lambda w: w.__module__)
+def walker(request, monkeypatch):
+    """Every test below runs on both header walks (C and pure Python)."""
+    monkeypatch.setattr(framestream, "Walker", request.param)
+    return request.param
+
+
+def holding(**kw):
+    stream = upstream_stream(**kw)
+    stream.hold_errors = True
+    return stream
+
+
+def replayed(actions):
+    """What reaches the client if the session forwards every held frame: must be the input, in order."""
+    return b"".join(bytes(a.data if isinstance(a, Forward) else a.frame) for a in actions
+                    if isinstance(a, (Forward, HeldEvent)))
+
+
+def test_without_hold_errors_an_error_event_is_forwarded_and_read_after_as_always(walker):
+    data = plain(OP_TEXT, DELTA) + plain(OP_TEXT, ERROR) + plain(OP_TEXT, DELTA)
+    assert upstream_stream().feed(data) == [Forward(data, False, True), LedgerEvent(ERROR.encode())]
+
+
+def test_a_held_error_event_comes_out_whole_between_the_bytes_around_it(walker):
+    before = plain(OP_TEXT, CREATED) + plain(OP_TEXT, DELTA)
+    error, after = plain(OP_TEXT, ERROR), plain(OP_TEXT, DELTA) + plain(OP_TEXT, COMPLETED)
+    actions = holding().feed(before + error + after)
+    # response.created is read after the Forward that ends it, and before the held event
+    assert actions == [Forward(before, False, True), LedgerEvent(CREATED.encode()), HeldEvent(error, ERROR.encode()),
+                       Forward(after, False, True), LedgerEvent(COMPLETED.encode())]
+
+
+def test_only_what_may_be_an_error_event_is_held(walker):
+    others = [DELTA, COMPLETED, CREATED, '{"type":"errors.not_quite"}', '{"type":"response.failed"}']
+    data = b"".join(plain(OP_TEXT, text) for text in others) + plain(OP_BINARY, b'{"type":"error"}')
+    actions = holding().feed(data)
+    assert not any(isinstance(a, HeldEvent) for a in actions) and forwarded(actions) == data
+    # a type the first bytes do not show may be "error": held (the session reads it and forwards it)
+    hidden = plain(OP_TEXT, json.dumps({"sequence_number": 1, "data": "x" * 100, "type": "response.in_progress"}))
+    assert kinds(holding().feed(hidden)) == ["HeldEvent"]
+
+
+def test_a_held_frame_is_taken_only_once_all_of_it_is_here_whatever_the_reads(walker):
+    error = plain(OP_TEXT, ERROR)
+    data = plain(OP_TEXT, DELTA) + plain(OP_PING, b"p") + error + plain(OP_TEXT, COMPLETED)
+    rng = random.Random(1013)
+    for _ in range(200):
+        stream = holding()
+        cuts = sorted(rng.sample(range(1, len(data)), rng.randrange(0, 8)))
+        actions = feed_in_pieces(stream, data, cuts)
+        assert replayed(actions) == data, cuts
+        assert [a for a in actions if isinstance(a, HeldEvent)] == [HeldEvent(error, ERROR.encode())], cuts
+        assert [a for a in actions if isinstance(a, LedgerEvent)] == [LedgerEvent(COMPLETED.encode())], cuts
+        assert (stream.walker.frames, stream.walker.data_frames) == (4, 3), cuts
+
+
+def test_a_fragmented_or_oversized_error_event_is_forwarded_as_it_arrives(walker):
+    payload = ERROR.encode()
+    fragmented = plain(OP_TEXT, payload[:20], fin=False) + plain(OP_CONTINUATION, payload[20:])
+    actions = holding().feed(fragmented)
+    assert actions == [Forward(fragmented, False, True), LedgerEvent(payload)]
+    big = json.dumps({"type": "error", "status": 429, "error": {"message": "x" * framestream.HOLD_MAX_BYTES}})
+    frame = plain(OP_TEXT, big)
+    stream = holding()
+    first = stream.feed(frame[:1000])
+    assert forwarded(first) == frame[:1000] and all(a.mid_frame for a in first)  # not waited for
+    rest = stream.feed(frame[1000:])
+    assert forwarded(first + rest) == frame and rest[-1] == LedgerEvent(big.encode())
+
+
+def test_a_held_frame_larger_than_the_receive_buffer_is_collected_in_it(walker):
+    long_error = json.dumps({"type": "error", "status": 429, "error": {"code": "insufficient_quota",
+                                                                       "message": "q" * 20000}})
+    data = plain(OP_TEXT, DELTA) + plain(OP_TEXT, long_error)
+    stream = holding()
+    actions = feed_in_pieces(stream, data, list(range(700, len(data), 700)))
+    assert actions[-1] == HeldEvent(plain(OP_TEXT, long_error), long_error.encode())
+    assert replayed(actions) == data
+
+
+def test_holding_keeps_every_byte_in_order_and_holds_exactly_the_whole_error_events(walker):
+    rng = random.Random(429)
+    for _ in range(150):
+        pieces, held = [], []
+        for _ in range(rng.randrange(1, 9)):
+            kind = rng.random()
+            if kind < 0.3:
+                error = json.dumps({"type": "error", "status": 429, "pad": "e" * rng.randrange(0, 3000)})
+                pieces.append(plain(OP_TEXT, error))
+                held.append(HeldEvent(pieces[-1], error.encode()))
+            elif kind < 0.4:
+                payload = ERROR.encode()
+                pieces.append(plain(OP_TEXT, payload[:9], fin=False) + plain(OP_CONTINUATION, payload[9:]))
+            elif kind < 0.7:
+                pieces.append(plain(OP_TEXT, rng.choice((DELTA, COMPLETED, CREATED))))
+            elif kind < 0.85:
+                pieces.append(plain(OP_BINARY, bytes(rng.randrange(0, 70000))))
+            else:
+                pieces.append(plain(OP_PING, b"x" * rng.randrange(0, 126)))
+        data = b"".join(pieces)
+        cuts = sorted(rng.sample(range(1, len(data)), min(len(data) - 1, rng.randrange(0, 10))))
+        actions = feed_in_pieces(holding(), data, cuts)
+        assert replayed(actions) == data
+        assert [a for a in actions if isinstance(a, HeldEvent)] == held

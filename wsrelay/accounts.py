@@ -15,6 +15,7 @@ conversation moves and the new choice sticks.
 """
 
 import email.utils
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -203,14 +204,16 @@ def identity(key_id, headers, body=None):
 
 def retry_after_seconds(value, default, now_wall=None):
     """A ``Retry-After`` value — delay seconds or an HTTP date — as seconds from now; ``default`` when absent
-    or unreadable."""
+    or unreadable (``inf`` and ``nan`` included: an upstream's header must not bench an account for ever)."""
     if value is None:
         return default
     value = str(value).strip()
     try:
-        return max(0.0, float(value))
+        seconds = float(value)
     except ValueError:
         pass
+    else:
+        return max(0.0, seconds) if math.isfinite(seconds) else default
     try:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError, IndexError):

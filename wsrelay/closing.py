@@ -16,7 +16,7 @@ import time
 
 import gevent
 
-from . import frames, usage
+from . import frames, quota, usage
 from .exits import UPSTREAM_TO_CLIENT
 from .linger import CloseWatch, linger
 
@@ -33,6 +33,7 @@ _UPSTREAM_CLOSE = {
     "idle_timeout": (frames.CLOSE_NORMAL, "websocket idle timeout"),
     "client_first_message_timeout": (frames.CLOSE_NORMAL, "client sent no request"),
     "server_shutdown": (frames.CLOSE_GOING_AWAY, "server shutting down"),
+    quota.STAGE: (frames.CLOSE_NORMAL, "account quota exhausted"),
 }
 _CLIENT_GONE = (frames.CLOSE_GOING_AWAY, "client disconnected")
 

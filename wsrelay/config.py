@@ -144,7 +144,8 @@ SETTINGS = (
             "After a dial or request answered 429, 401/403, 500-504 or a connect error/timeout, how many other "
             "accounts are tried before the client gets the failure.", minimum=0),
     Setting("upstream.default_cooldown_seconds", float, 60.0,
-            "How long an account answered 429 without Retry-After is left out of the choice.", minimum=0),
+            "How long an account answered 429 without Retry-After is left out of the choice (at a dial, or by a "
+            "quota error event mid-session).", minimum=0),
     Setting("upstream.auth_failure_disable_seconds", float, 600.0,
             "How long an account whose credential was refused (401/403) is left out of the choice.", minimum=0),
     Setting("upstream.sticky_ttl_seconds", float, 3600.0,

@@ -2,9 +2,10 @@
 
 Both transports dial the same way: ask :meth:`Attempts.next` for an account, try it, and on a failure ask
 :meth:`Attempts.failed` whether another account may be tried — before anything has been sent to the client.
-A 429 cools the account down for its ``Retry-After``; a 401/403 (when the credential is the relay's) disables it;
-429, 401/403, 500-504 and connect failures move the request on, at most ``upstream.max_failover_attempts``
-times.  Every decision is one trace line (``account_dial``), which the metrics count per account.
+A 429 cools the account down for its ``Retry-After`` and a 401/403 disables it, both only when the credential is
+the relay's (in passthrough they are the client's own); 429, 401/403, 500-504 and connect failures move the
+request on, at most ``upstream.max_failover_attempts`` times.  Every decision is one trace line
+(``account_dial``), which the metrics count per account.
 """
 
 import time
@@ -62,7 +63,8 @@ class Attempts:
         now = time.monotonic()
         outcome = outcome_of(status, upstream_status)
         fields = {}
-        if outcome == "rate_limited":
+        if outcome == "rate_limited" and self.relay_credentials:
+            # In passthrough the limit is the client's own credential's: other clients must still get through.
             seconds = retry_after_seconds(retry_after, self.upstream.default_cooldown_seconds)
             self.pool.cool_down(account, now, seconds, "429")
             fields["cooldown_s"] = round(seconds, 3)

@@ -19,6 +19,10 @@ actions in order:
     (upstream) a message that may be a terminal event or ``response.created``, forwarded whole: its payload;
 :class:`PongArrived`
     (client) the answer to the relay's own Ping (``expected_pong``): consumed, not forwarded;
+:class:`HeldEvent`
+    (upstream, only while ``hold_errors`` is set) a whole single-frame text message that may be an ``error``
+    event, *not* forwarded: ``frame`` its bytes (valid like a Forward's ``data``), ``payload`` its text; the
+    session forwards the frame (then reads the payload as a LedgerEvent's) or swallows it;
 :class:`PingArrived`
     (upstream) a Ping, forwarded like any frame; its payload, for answering it while no client is there;
 :class:`CloseArrived`
@@ -34,13 +38,16 @@ from typing import NamedTuple
 
 from . import frames, usage
 from .frames import OP_BINARY, OP_CLOSE, OP_CONTINUATION, OP_PING, OP_PONG, OP_TEXT, ProtocolError
-from .sniff import SNIFF_CLIENT_BYTES, SNIFF_UPSTREAM_BYTES, UpstreamMessage, sniff_create
+from .sniff import SNIFF_CLIENT_BYTES, SNIFF_UPSTREAM_BYTES, UpstreamMessage, may_be_error_event, sniff_create
 from .walk import NEED_MORE, Walker
 
 # The receive buffer starts small (an idle session costs little) and doubles, up to MAX_BUFFER_SIZE, whenever a read
 # fills it (a busy stream moves in fewer, larger reads).
 BUFFER_SIZE = 1024
 MAX_BUFFER_SIZE = 256 * 1024
+# The largest text frame held back whole while hold_errors is set (an error event is a few hundred bytes; the
+# buffer must have room to collect it).  A longer one is forwarded as it arrives.
+HOLD_MAX_BYTES = 64 * 1024
 
 _LEDGER_TYPES = tuple(t.encode("ascii") for t in usage.LEDGER_EVENTS)
 
@@ -56,6 +63,11 @@ class TurnStarted(NamedTuple):
 
 
 class LedgerEvent(NamedTuple):
+    payload: bytes
+
+
+class HeldEvent(NamedTuple):
+    frame: memoryview
     payload: bytes
 
 
@@ -90,10 +102,14 @@ def _forward(data, mid_frame, business, _new=tuple.__new__):
 class FrameStream:
     """The frames of one direction: ``client`` for what a client sends (masked, sniffed for requests, held to
     ``read_limit``), else for what the upstream sends (sniffed for the events the usage ledger reads, copied up to
-    ``max_event_bytes``).  ``initial`` holds bytes read before the relay began (along with a handshake)."""
+    ``max_event_bytes``).  ``initial`` holds bytes read before the relay began (along with a handshake).
 
-    __slots__ = ("client", "read_limit", "max_event_bytes", "walker", "expected_pong", "ended", "_buf", "_view",
-                 "_end", "_pos", "_full", "_done", "_sniff", "_create", "_message")
+    ``hold_errors`` (upstream; off by default, and then nothing is held): whole single-frame text messages of up
+    to :data:`HOLD_MAX_BYTES` that may be ``error`` events come out as :class:`HeldEvent`, not forwarded; such a
+    frame is taken only once all of it has been read."""
+
+    __slots__ = ("client", "read_limit", "max_event_bytes", "walker", "expected_pong", "ended", "hold_errors",
+                 "_buf", "_view", "_end", "_pos", "_full", "_done", "_sniff", "_create", "_message")
 
     def __init__(self, client, read_limit=0, max_event_bytes=0, initial=b""):
         self.client = client
@@ -103,6 +119,7 @@ class FrameStream:
         self.walker = Walker(client, read_limit, () if client else _LEDGER_TYPES)
         self.expected_pong = None  # the payload of the relay's own Ping, while its Pong is awaited
         self.ended = False
+        self.hold_errors = False
         self._buf = bytearray(max(BUFFER_SIZE, len(initial)))
         self._buf[:len(initial)] = initial
         self._view = memoryview(self._buf)
@@ -125,7 +142,7 @@ class FrameStream:
         if pos == end and not self._full:  # all walked (the usual case): the whole buffer, as it is
             self._pos = self._end = 0
             return self._view
-        leftover = end - pos  # a partial header or control frame, never payload
+        leftover = end - pos  # a partial header, control frame or held frame, never payload being forwarded
         if leftover and pos:
             buf[:leftover] = buf[pos:end]
         self._pos, self._end = 0, leftover
@@ -210,6 +227,7 @@ class FrameStream:
             if opcode >= OP_CLOSE:
                 frame_end = pos + header_length + length
                 if frame_end > end:
+                    walker.frames -= 1  # not taken yet: counted when it is
                     break
                 payload = view[pos + header_length:frame_end]
                 if opcode == OP_PING:
@@ -235,6 +253,19 @@ class FrameStream:
                         return self._end_with(actions, Violation(exc.code, exc.reason, bytes(view[pos:end])))
                     code, reason = None, ""  # the upstream's bad close still ends it; the client gets it as sent
                 return self._end_with(actions, CloseArrived(code, reason, view[pos:frame_end]))
+            if self.hold_errors and opcode == OP_TEXT and fin and length <= HOLD_MAX_BYTES:
+                held = self._held(view, pos + header_length, length, end)
+                if held is None:
+                    walker.frames -= 1  # not taken yet: walked again once more of it is here
+                    break
+                if held is not False:
+                    self._flush(actions, flush_from, pos, flushed_data_frames)
+                    frame_end = pos + header_length + length
+                    actions.append(HeldEvent(view[pos:frame_end], held))
+                    walker.data_frames += 1
+                    flushed_data_frames = walker.data_frames  # the held frame is in no Forward
+                    pos = flush_from = frame_end
+                    continue
             walker.data_frames += 1
             if opcode != OP_CONTINUATION:
                 self._message_start(opcode, fin, mask_key, view, pos + header_length, length, end)
@@ -285,6 +316,18 @@ class FrameStream:
         elif opcode != OP_BINARY:  # pragma: no cover - check_header refuses other opcodes
             raise AssertionError(opcode)
 
+    def _held(self, view, start, length, end):
+        """A single-frame text message whose payload starts at ``start``: its payload when it may be an ``error``
+        event, False when its first bytes prove it is not one, None when too little of it is here to tell."""
+        known = start + min(length, SNIFF_UPSTREAM_BYTES)
+        if known > end:
+            return None
+        if not may_be_error_event(bytes(view[start:known])):
+            return False
+        if start + length > end:
+            return None
+        return bytes(view[start:start + length])
+
     def _payload(self, chunk):
         if self.client:
             sniff = self._sniff
@@ -312,7 +355,7 @@ def _settled(action):
     """An action that no longer refers to the stream's buffer (``feed`` hands them out after later reads)."""
     if action.__class__ is Forward:
         return action._replace(data=bytes(action.data))
-    if action.__class__ is CloseArrived:
+    if action.__class__ is CloseArrived or action.__class__ is HeldEvent:
         return action._replace(frame=bytes(action.frame))
     return action
 

@@ -10,7 +10,7 @@ import time
 import gevent
 import gevent.event
 
-from . import accounts, auth, httproutes, upstream
+from . import accounts, auth, httproutes, quota, upstream
 from .config import ConfigError
 from .accounts import AccountPool
 from .exchange import HTTPTransport
@@ -164,12 +164,14 @@ class RelayApp:
             break
         attempts.succeeded(account)
         self.pool.acquire(account)
+        switch = quota.account_switch(self.pool, account, passthrough is None,
+                                      self.config.upstream.default_cooldown_seconds)
         try:
-            self._session(handler, environ, key_id, account, up)
+            self._session(handler, environ, key_id, account, up, switch)
         finally:
             self.pool.release(account)
 
-    def _session(self, handler, environ, key_id, account, up):
+    def _session(self, handler, environ, key_id, account, up, switch):
         self.tracer.emit("dial_ok", key_id=key_id, dial_ms=round(up.dial_ms, 2), client=_client(handler),
                          account=account.name)
         try:
@@ -188,7 +190,8 @@ class RelayApp:
                                              environ.get("HTTP_ORIGINATOR"), environ.get("HTTP_USER_AGENT"))
         sock, initial = handler.take_over()
         session = Session(sock, up.sock, self.config, self.tracer, self.store, key_id=key_id, initial=initial,
-                          up_initial=up.initial, app_keepalive=app_keepalive, account=account.name)
+                          up_initial=up.initial, app_keepalive=app_keepalive, account=account.name,
+                          account_switch=switch)
         self.sessions.add(session)
         if not self.accepting:
             session.shutdown()

@@ -15,10 +15,10 @@ import uuid
 import gevent
 from gevent.event import Event
 
-from . import closing, frames, usage
+from . import closing, frames, quota, usage
 from .exits import CLIENT_TO_UPSTREAM, KEEPALIVE, UPSTREAM_TO_CLIENT, Exit
-from .framestream import (CloseArrived, FrameStream, Forward, LedgerEvent, PingArrived, PongArrived, TurnStarted,
-                          Violation)
+from .framestream import (CloseArrived, FrameStream, Forward, HeldEvent, LedgerEvent, PingArrived, PongArrived,
+                          TurnStarted, Violation)
 from .frames import OP_PONG
 from .keepalive import STAGE_FAILED, AppKeepalive, Keepalive
 from .timers import SessionTimer
@@ -31,12 +31,13 @@ class Session:
     """One client connection and its upstream.  ``run()`` blocks (in the connection's greenlet) until both end.
 
     ``initial``/``up_initial`` are bytes read along with the client's handshake and the upstream's 101;
-    ``app_keepalive`` is ``(on, why)`` from :func:`wsrelay.keepalive.app_keepalive_choice`.
+    ``app_keepalive`` is ``(on, why)`` from :func:`wsrelay.keepalive.app_keepalive_choice`;
+    ``account_switch`` the session's :class:`~wsrelay.quota.AccountSwitch` (None: quota errors go to the client).
     """
 
     def __init__(self, down_sock, up_sock, config, tracer, store=None, key_id=None, initial=b"",
                  session_id=None, ping_supported=True, up_initial=b"", app_keepalive=(False, "not_codex"),
-                 account=None):
+                 account=None, account_switch=None):
         self.id = session_id or uuid.uuid4().hex[:12]
         self.down_sock = down_sock
         self.up_sock = up_sock
@@ -51,6 +52,8 @@ class Session:
         up_sock.settimeout(None)
         self.down = FrameStream(True, read_limit=ws.client_read_limit_bytes, initial=initial)
         self.up = FrameStream(False, max_event_bytes=config.usage.max_event_bytes, initial=up_initial)
+        self.account_switch = account_switch
+        self.up.hold_errors = account_switch is not None  # error events are read before they are forwarded
         self.writer = DownstreamWriter(down_sock, ws.write_timeout_seconds, self._write_failed, ping_supported)
         self.account = account
         self.ledger = usage.TurnLedger(self.id, key_id, account=account)
@@ -201,6 +204,8 @@ class Session:
                 self.writer.forward(*action)
             elif kind is LedgerEvent:
                 self._on_ledger_event(action.payload)
+            elif kind is HeldEvent:
+                self._on_held_event(action)
             elif kind is PingArrived:
                 if not self.writer.open:
                     # Nobody downstream answers now; answer for the client so the drain is not cut short.
@@ -221,8 +226,28 @@ class Session:
 
     def _on_ledger_event(self, payload):
         event = usage.parse_event(payload)
-        if event is None:
+        if event is not None:
+            self._on_event(event)
+
+    def _on_held_event(self, action):
+        """A message that may be an ``error`` event, held back: a quota error ends the session (see
+        :mod:`wsrelay.quota`) when another account can take the client's retry; anything else goes on."""
+        event = usage.parse_event(action.payload)
+        code = quota.exhausted(event) if event is not None and self.writer.open and self.exit is None else None
+        if code is not None and self.account_switch.elsewhere():
+            self._on_event(event)  # the turn is recorded while the client is still there
+            seconds = self.account_switch.cool_down(event, code)
+            self.trace(quota.STAGE, account=self.account, code=code, status=event.get("status"),
+                       cooldown_s=round(seconds, 3), wrote_downstream=self.wrote_downstream)
+            # The upstream pump reads on: the relay's close to the upstream is answered there.
+            self.report(Exit(quota.STAGE, UPSTREAM_TO_CLIENT, "client", True, error="account out of quota: " + code,
+                             close_code=quota.CLOSE_TRY_AGAIN_LATER, close_reason=quota.CLOSE_REASON))
             return
+        self.writer.forward(action.frame, False, True)
+        if event is not None:
+            self._on_event(event)
+
+    def _on_event(self, event):
         in_flight = self.ledger.in_flight
         self.record(self.ledger.on_event(event, client_disconnected=not self.writer.open))
         if in_flight and not self.ledger.in_flight:

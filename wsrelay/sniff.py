@@ -2,8 +2,9 @@
 
 A client text message's first bytes tell whether it is a ``response.create`` (a turn starts); an upstream text
 message's first bytes tell whether it may be an event the usage ledger reads (a terminal event, or
-``response.created`` with the response's id), and only those are copied whole for the usage parser.  Everything
-else passes through unread.
+``response.created`` with the response's id), and only those are copied whole for the usage parser; where the
+session asks for it, whether it may be an ``error`` event (held back until it is read).  Everything else passes
+through unread.
 """
 
 import re
@@ -37,6 +38,15 @@ class UpstreamMessage:
         if self.copying or usage.may_be_ledger_event(bytes(self.data)):
             return bytes(self.data)
         return None
+
+
+_ERROR_QUOTED = frozenset((b'"error"',))
+
+
+def may_be_error_event(prefix):
+    """False only when a message's first bytes prove it is not an ``error`` event (the event a session that may
+    move its client to another account holds back until it has read it: see :mod:`wsrelay.quota`)."""
+    return usage.may_be_event_of(prefix, _ERROR_QUOTED)
 
 
 def sniff_create(mask_key, masked, wanted, longer):

@@ -35,9 +35,9 @@ _LEDGER_QUOTED = frozenset(b'"' + t.encode("ascii") + b'"' for t in LEDGER_EVENT
 _JSON_WS = b" \t\r\n"
 
 
-def may_be_ledger_event(prefix):
-    """False only when ``prefix`` (the first bytes of a message) proves the message is none of
-    :data:`LEDGER_EVENTS` (a terminal event or ``response.created``).
+def may_be_event_of(prefix, quoted=_LEDGER_QUOTED):
+    """False only when ``prefix`` (the first bytes of a message) proves the message's top-level ``type`` is none
+    of ``quoted`` (the types as JSON strings, quotes included; by default :data:`LEDGER_EVENTS`).
 
     Runs on every upstream message, so it sticks to a few ``bytes.find`` calls and short slices.
     """
@@ -62,9 +62,14 @@ def may_be_ledger_event(prefix):
         end = rest.find(b'"', 1)
         if end < 0:
             # The value is cut off by the prefix: it may still grow into a terminal type.
-            return any(t.startswith(rest) for t in _LEDGER_QUOTED)
-        return rest[:end + 1] in _LEDGER_QUOTED
+            return any(t.startswith(rest) for t in quoted)
+        return rest[:end + 1] in quoted
     return True
+
+
+# False only when a message's first bytes prove it is none of LEDGER_EVENTS (a terminal event or
+# response.created).
+may_be_ledger_event = may_be_event_of
 
 
 def parse_event(payload):

@@ -12,13 +12,20 @@ the run instead of being retried.
   falls back to HTTP/SSE through the relay.
 - ``supports_websockets = true`` with a WebSocket upstream: the turn goes over WebSocket.
 - A wrong relay key: Codex's request is refused with 401, the upstream sees nothing.
+- Two accounts, the first out of quota mid-turn: the relay closes Codex's connection with 1013 instead of
+  passing the error on, and Codex — with its default retries, here only — resends the turn on a new connection,
+  which lands on the other account.  (Measured: Codex reconnects some 0.2 s after the close, its first backoff;
+  with ``stream_max_retries = 0`` it falls back to HTTP at once instead, and the relay's HTTP transport then gives
+  the request to the other account as well.)
 """
+
+import time
 
 import pytest
 
 from tests.codex import run_codex
 from tests.e2e.nginx import NGINX_MISSING_MESSAGE, NginxProxy, nginx_binary
-from tests.helpers import APP_KEEPALIVE_INTERVAL, port_of, wait_until
+from tests.helpers import APP_KEEPALIVE_INTERVAL, first_exit, port_of, wait_until
 from wsrelay.exchange import STAGE_APP, STAGE_SSE_OK
 
 pytestmark = pytest.mark.timeout(60)
@@ -151,3 +158,37 @@ def test_codex_with_a_wrong_relay_key_is_refused_over_http_and_the_upstream_sees
     tracer.wait_for("http_request")
     assert [(r["method"], r["status"]) for r in tracer.find("http_request")] == [("POST", 401)]
     assert app.http_requests == [] and app.handshakes == [] and store.records == []
+
+
+def test_codex_with_websockets_resends_a_turn_cut_by_a_quota_error_on_another_account(
+        fake, relay, store, tracer, tmp_path):
+    quota, quota_url = fake(mode="quota-mid", require_authorization="Bearer sk-upstream-a")
+    healthy, healthy_url = fake(require_authorization="Bearer sk-upstream-b")
+    # Two accounts of equal weight: the first choice is the first listed, a.
+    url = relay(quota_url, auth__keys=[RELAY_KEY], upstream__accounts=[
+        {"name": "a", "url": quota_url, "api_key": "sk-upstream-a"},
+        {"name": "b", "url": healthy_url, "api_key": "sk-upstream-b"}])
+    times = {}
+    tracer.listeners.append(lambda stage, fields: times.setdefault((stage, fields.get("account")), time.monotonic()))
+    # Codex's own defaults for a provider's retries.
+    run = run_codex(tmp_path, base_url(url), RELAY_KEY, supports_websockets=True, stream_max_retries=5,
+                    request_max_retries=4)
+    run.assert_completed()
+    exhausted = tracer.wait_for("account_quota_exhausted")
+    assert (exhausted["account"], exhausted["code"]) == ("a", "rate_limit_exceeded")
+    first = first_exit(tracer)
+    assert (first["cause"], first["close_code"]) == ("account_quota_exhausted", 1013), first
+    # One connection to each account, both WebSocket; the retry carries the same conversation headers.
+    assert len(quota.handshakes) == 1 and len(healthy.handshakes) == 1
+    assert quota.http_requests == [] and healthy.http_requests == []
+    assert healthy.handshakes[0]["session-id"] == quota.handshakes[0]["session-id"]
+    reconnect = times[("dial_ok", "b")] - times[("account_quota_exhausted", "a")]
+    assert 0 < reconnect < 5, reconnect
+    wait_until(lambda: quota.closes, what="account a's upstream getting the relay's close")
+    assert quota.closes == [(1000, "account quota exhausted")]
+    # Each account's usage under its name: a the prewarm and the cut turn, b the turn Codex resent.
+    wait_until(lambda: any(r["account"] == "b" for r in store.records), what="the turn on b recorded")
+    by_account = {name: [(r["terminal_event"], r["total_tokens"], r["client_disconnected"], r["transport"])
+                         for r in store.records if r["account"] == name] for name in ("a", "b")}
+    assert by_account == {"a": [("response.completed", 0, False, "websocket"), ("error", 0, False, "websocket")],
+                          "b": [("response.completed", TURN_TOKENS, False, "websocket")]}, store.records
