@@ -135,3 +135,12 @@ def test_retry_after_that_is_not_a_finite_number_gets_the_default():
     # "inf" would cool an account down for ever (and break the 503's Retry-After); "nan" would not at all.
     for value in ("inf", "-inf", "nan", "Infinity", "1e999"):
         assert retry_after_seconds(value, 60) == 60, value
+
+
+def test_an_account_removed_and_added_again_keeps_counting_its_live_sessions():
+    p = pool(spec("a"), spec("b"))
+    a = p.accounts["a"]
+    p.acquire(a)
+    p.reload([spec("b")])
+    p.reload([spec("a"), spec("b")])
+    assert p.accounts["a"] is a and a.live == 1 and not a.removed

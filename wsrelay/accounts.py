@@ -79,6 +79,7 @@ class AccountPool:
     sticky_ttl: float = 3600.0
     accounts: dict = field(default_factory=dict)
     sticky: dict = field(default_factory=dict)  # identity -> (account name, expiry)
+    retired: dict = field(default_factory=dict)  # removed accounts with live sessions, by name
 
     def __post_init__(self):
         self.reload(self.specs)
@@ -89,12 +90,14 @@ class AccountPool:
         old = self.accounts
         self.accounts = {}
         for spec in specs:
-            account = old.pop(spec.name, None) or Account(spec)
+            account = old.pop(spec.name, None) or self.retired.pop(spec.name, None) or Account(spec)
             account.spec = spec
             account.removed = False
             self.accounts[spec.name] = account
         for account in old.values():
             account.removed = True
+            if account.live:
+                self.retired[account.name] = account  # re-added later, it keeps counting these sessions
         self.specs = list(specs)
 
     # -- the choice ----------------------------------------------------------------------------------------

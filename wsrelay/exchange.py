@@ -136,6 +136,13 @@ class Exchange:
         replayable = isinstance(body, bytes)
         attempts = Attempts(self.app, self.key_id, accounts.identity(self.key_id, dict(headers), cache_key),
                             passthrough is None, "http")
+        try:
+            self._attempt(attempts, headers, body, length, replayable, passthrough, model)
+        finally:
+            attempts.release()  # the account's live count, taken when it was chosen
+
+    def _attempt(self, attempts, headers, body, length, replayable, passthrough, model):
+        """Send the request to one account after another until one answers, then relay its response."""
         while True:
             account = attempts.next()
             if account is None:
@@ -160,12 +167,10 @@ class Exchange:
         if self.kind == RESPONSES:
             self.ledger = usage.TurnLedger(self.id, self.key_id, transport="http", account=account.name)
             self.ledger.start_turn(model)
-        self.app.pool.acquire(account)
         try:
             self._respond(response)
         finally:
             response.close()
-            self.app.pool.release(account)
 
     def _request(self, account, headers, body, length):
         client = self.transport.client(account)

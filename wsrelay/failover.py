@@ -45,22 +45,34 @@ class Attempts:
         self.transport = transport
         self.tried = []
         self.left = 1 + self.upstream.max_failover_attempts
+        self.reserved = None  # the account counted for this session or request (see release)
 
     def next(self):
         """The account to try now, or None when none is left (see :meth:`refusal`)."""
         if self.left <= 0:
             return None
+        self.release()
         account = self.pool.choose(time.monotonic(), self.identity, {a.name for a in self.tried})
         if account is not None:
             self.left -= 1
             self.tried.append(account)
+            # Counted from the choice, not from the dial's success: concurrent dials must see it (max_sessions).
+            self.pool.acquire(account)
+            self.reserved = account
         return account
+
+    def release(self):
+        """End the current account's count (the session or request is over, or its attempt failed)."""
+        if self.reserved is not None:
+            self.pool.release(self.reserved)
+            self.reserved = None
 
     def failed(self, account, status, upstream_status=None, retry_after=None, error=None, can_retry=True):
         """The attempt on ``account`` failed: ``status`` is what the client would get, ``upstream_status`` the
         upstream's answer (None: not reached); ``can_retry`` False when the request cannot be sent again (a
         streamed body).  Returns True when another account may be tried."""
         now = time.monotonic()
+        self.release()
         outcome = outcome_of(status, upstream_status)
         fields = {}
         if outcome == "rate_limited" and self.relay_credentials:

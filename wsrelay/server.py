@@ -143,33 +143,32 @@ class RelayApp:
         headers = upstream.select_headers(environ)
         attempts = Attempts(self, key_id, accounts.identity(key_id, dict(headers)), passthrough is None,
                             "websocket")
-        while True:
-            account = attempts.next()
-            if account is None:
-                refusal = attempts.refusal()
-                return self.refuse(handler, refusal.status, refusal.code, refusal.message, refusal.headers)
-            try:
-                up = upstream.dial(account.spec.url, headers,
-                                   authorization=credential_header(account, passthrough),
-                                   subprotocols=header_tokens(environ.get("HTTP_SEC_WEBSOCKET_PROTOCOL")),
-                                   timeout=self.config.upstream.connect_timeout_seconds,
-                                   context=self.tls_context)
-            except upstream.DialError as exc:
-                self.tracer.emit("dial_failed", status=exc.status, code=exc.code, error=exc.message, key_id=key_id,
-                                 account=account.name)
-                if attempts.failed(account, exc.status, exc.upstream_status, exc.retry_after, exc.code):
-                    continue
-                headers = [("Retry-After", exc.retry_after)] if exc.retry_after else []
-                return self.refuse(handler, exc.status, exc.code, exc.message, headers)
-            break
-        attempts.succeeded(account)
-        self.pool.acquire(account)
-        switch = quota.account_switch(self.pool, account, passthrough is None,
-                                      self.config.upstream.default_cooldown_seconds)
         try:
+            while True:
+                account = attempts.next()
+                if account is None:
+                    refusal = attempts.refusal()
+                    return self.refuse(handler, refusal.status, refusal.code, refusal.message, refusal.headers)
+                try:
+                    up = upstream.dial(account.spec.url, headers,
+                                       authorization=credential_header(account, passthrough),
+                                       subprotocols=header_tokens(environ.get("HTTP_SEC_WEBSOCKET_PROTOCOL")),
+                                       timeout=self.config.upstream.connect_timeout_seconds,
+                                       context=self.tls_context)
+                except upstream.DialError as exc:
+                    self.tracer.emit("dial_failed", status=exc.status, code=exc.code, error=exc.message,
+                                     key_id=key_id, account=account.name)
+                    if attempts.failed(account, exc.status, exc.upstream_status, exc.retry_after, exc.code):
+                        continue
+                    headers = [("Retry-After", exc.retry_after)] if exc.retry_after else []
+                    return self.refuse(handler, exc.status, exc.code, exc.message, headers)
+                break
+            attempts.succeeded(account)
+            switch = quota.account_switch(self.pool, account, passthrough is None,
+                                          self.config.upstream.default_cooldown_seconds)
             self._session(handler, environ, key_id, account, up, switch)
         finally:
-            self.pool.release(account)
+            attempts.release()  # the account's live count, taken when it was chosen
 
     def _session(self, handler, environ, key_id, account, up, switch):
         self.tracer.emit("dial_ok", key_id=key_id, dial_ms=round(up.dial_ms, 2), client=_client(handler),

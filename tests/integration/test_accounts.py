@@ -269,3 +269,16 @@ def _accepts(port):
         return True
     except OSError:
         return False
+
+
+def test_max_sessions_holds_for_concurrent_handshakes(accounts):
+    import gevent
+
+    (a, b), url = accounts({}, {}, extra={"a": {"max_sessions": 1}, "b": {"max_sessions": 1}})
+    results = gevent.joinall([gevent.spawn(raw_request, url, [("Authorization", "Bearer " + KEY)])
+                              for _ in range(4)], timeout=10)
+    statuses = sorted(g.value[1] for g in results)
+    assert statuses == [101, 101, 503, 503]
+    assert a.connections == 1 and b.connections == 1
+    for g in results:
+        g.value[0].close()
