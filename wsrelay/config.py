@@ -219,6 +219,17 @@ SETTINGS = (
     Setting(_HTTP + "write_timeout_seconds", float, 60.0,
             "Time allowed for one write to an HTTP client; a client that reads nothing for longer is "
             "disconnected (and its turn drained).", minimum=0, exclusive_minimum=True),
+    Setting("resume.enabled", bool, True,
+            "Hold a turn whose client left without a clean close (its upstream and its response so far) so that "
+            "the client's retry of the same turn gets it instead of running and paying for it twice."),
+    Setting("resume.window_seconds", float, 60.0,
+            "How long a cut turn is held for its retry; then it is drained, billed and closed as without resume.",
+            minimum=0, exclusive_minimum=True),
+    Setting("resume.max_buffer_bytes", int, 8 * MiB,
+            "The most of one response held for a retry; a response that grows past it is not resumable (it is "
+            "drained and billed as without resume).", minimum=1),
+    Setting("resume.max_total_bytes", int, 256 * MiB,
+            "The most held for retries in all; a turn that would go past it is not held.", minimum=1),
     Setting("usage.sqlite_path", str, "./wsrelay-usage.db", "SQLite database the usage records go to."),
     Setting("usage.fallback_path", str, None, "Append-only file that holds usage records while the database "
             "cannot be written; re-imported on recovery and at start. Default: <sqlite_path>.pending.jsonl.",
