@@ -88,6 +88,7 @@ def relay(tracer, store):
     yield start
     for srv in servers:
         srv.stop(timeout=1)
+        srv.app.close()
 
 
 @pytest.fixture

@@ -218,6 +218,22 @@ SETTINGS = (
     Setting(_HTTP + "write_timeout_seconds", float, 60.0,
             "Time allowed for one write to an HTTP client; a client that reads nothing for longer is "
             "disconnected (and its turn drained).", minimum=0, exclusive_minimum=True),
+    Setting("limits.redis_url", str, None,
+            "Redis the relay instances share their state through (redis://[user:password@]host:port/db, "
+            "rediss:// for TLS, unix:///path): the per-key limit becomes leases held in Redis, so it counts the "
+            "sessions and requests of every instance. Needs the redis extra. Empty: each process counts alone. "
+            "The limits.* settings are read at start (a reload keeps them).", nullable=True),
+    Setting("limits.lease_ttl_seconds", float, 30.0,
+            "How long a lease outlives its instance: each instance renews its leases every third of this, so "
+            "the slots of an instance that died without a word (kill -9, a lost host) are free again within "
+            "it.", minimum=0, exclusive_minimum=True),
+    Setting("limits.redis_timeout_seconds", float, 0.5,
+            "Longest a Redis call may take (connect included). Past it, or on any error, the relay goes on with "
+            "local limits, says so (trace, /readyz, metrics) and reconnects in the "
+            "background; until then no request waits on Redis at all.", minimum=0, exclusive_minimum=True),
+    Setting("limits.redis_key_prefix", str, "wsrelay:",
+            "Prefix of every key the relay writes in Redis: relays that must not share limits can share one "
+            "Redis under different prefixes."),
     Setting("usage.sqlite_path", str, "./wsrelay-usage.db", "SQLite database the usage records go to."),
     Setting("usage.fallback_path", str, None, "Append-only file that holds usage records while the database "
             "cannot be written; re-imported on recovery and at start. Default: <sqlite_path>.pending.jsonl.",
@@ -369,6 +385,7 @@ def _cross_check(values):
     url = values["upstream.url"]
     if not (url.startswith("ws://") or url.startswith("wss://")):
         problems.append("upstream.url: must start with ws:// or wss://, got %r" % url)
+    problems.extend(_check_limits(values))
     from .accounts import parse_specs
 
     problems.extend(parse_specs(values)[1])
@@ -380,6 +397,26 @@ def _cross_check(values):
             digest = key[len("sha256:"):]
             if len(digest) != 64 or any(c not in "0123456789abcdefABCDEF" for c in digest):
                 problems.append("auth.keys: a sha256: key must be followed by 64 hex digits")
+    return problems
+
+
+def _check_limits(values):
+    problems = []
+    url = values["limits.redis_url"]
+    if url:
+        if not url.startswith(("redis://", "rediss://", "unix://")):
+            problems.append("limits.redis_url: must start with redis://, rediss:// or unix://")
+        else:
+            import importlib.util
+
+            if importlib.util.find_spec("redis") is None:
+                problems.append("limits.redis_url: needs the redis package: pip install 'wsrelay[redis]'")
+    ttl, timeout = values["limits.lease_ttl_seconds"], values["limits.redis_timeout_seconds"]
+    if timeout * 3 >= ttl:
+        problems.append("limits.redis_timeout_seconds: must be under a third of limits.lease_ttl_seconds (%s), "
+                        "or a slow renewal would let leases expire, got %s" % (ttl, timeout))
+    if not values["limits.redis_key_prefix"]:
+        problems.append("limits.redis_key_prefix: must not be empty")
     return problems
 
 
