@@ -221,15 +221,16 @@ SETTINGS = (
     Setting("limits.redis_url", str, None,
             "Redis the relay instances share their state through (redis://[user:password@]host:port/db, "
             "rediss:// for TLS, unix:///path): the per-key limit becomes leases held in Redis, so it counts the "
-            "sessions and requests of every instance. Needs the redis extra. Empty: each process counts alone. "
-            "The limits.* settings are read at start (a reload keeps them).", nullable=True),
+            "sessions and requests of every instance; with upstream.accounts, the account pool's cooldowns, "
+            "disables and sticky conversations are shared too. Needs the redis extra. Empty: each process counts "
+            "alone. The limits.* settings are read at start (a reload keeps them).", nullable=True),
     Setting("limits.lease_ttl_seconds", float, 30.0,
             "How long a lease outlives its instance: each instance renews its leases every third of this, so "
             "the slots of an instance that died without a word (kill -9, a lost host) are free again within "
             "it.", minimum=0, exclusive_minimum=True),
     Setting("limits.redis_timeout_seconds", float, 0.5,
             "Longest a Redis call may take (connect included). Past it, or on any error, the relay goes on with "
-            "local limits, says so (trace, /readyz, metrics) and reconnects in the "
+            "local limits and local account state, says so (trace, /readyz, metrics) and reconnects in the "
             "background; until then no request waits on Redis at all.", minimum=0, exclusive_minimum=True),
     Setting("limits.redis_key_prefix", str, "wsrelay:",
             "Prefix of every key the relay writes in Redis: relays that must not share limits can share one "

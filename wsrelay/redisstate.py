@@ -1,4 +1,5 @@
-"""The Redis connection behind the state relay instances share: the per-key leases (:mod:`wsrelay.limits`).
+"""The Redis connection behind the state relay instances share: key leases (:mod:`wsrelay.limits`) and the account
+pool's cooldowns, disables and sticky conversations (:mod:`wsrelay.accountsync`).
 
 Redis is an aid, never a dependency of a request: every call is bounded by ``limits.redis_timeout_seconds``
 (connect, pool wait and reply together, whatever the client library would retry), and the first failure marks

@@ -10,6 +10,7 @@ import gevent
 import gevent.event
 
 from . import accounts, auth, httproutes, limits, upstream
+from .accountsync import AccountSync
 from .config import ConfigError
 from .accounts import AccountPool
 from .exchange import HTTPTransport
@@ -35,6 +36,7 @@ class RelayApp:
         self.allowed_origins = frozenset(o.rstrip("/") for o in config.server.allowed_origins)
         self.sessions = set()
         self.limits, self.redis = limits.make(config, tracer)  # per key: local counts, or leases in Redis
+        self.account_sync = self._account_sync(config)
         self.connections = 0  # sessions (and dials in progress) and HTTP requests in flight, in this process
         self.handshake_guard = HandshakeGuard(self)  # the connections whose request head is awaited
         self.accepting = True
@@ -59,6 +61,8 @@ class RelayApp:
             state.update(self.limits.state())  # Redis down is not unready: the relay serves with local limits
             return _json(start_response, 200 if ready else 503, state)
         if path == "/accounts":
+            if self.account_sync is not None:
+                self.account_sync.pull()
             now = time.monotonic()
             return _json(start_response, 200, {"accounts": self.pool.status(now), "ready": self.pool.ready(now)})
         if path == "/metrics":
@@ -203,6 +207,13 @@ class RelayApp:
             self.sessions.discard(session)
             self.metrics.session_finished(session)
 
+    def _account_sync(self, config):
+        # With relay credentials only (upstream.accounts): a passthrough client's 429 is about its own key, and
+        # must not cool the account down for every instance.
+        if self.redis is None or not config.upstream.accounts:
+            return None
+        return AccountSync(self.pool, self.redis)
+
     def start(self):
         """Start what runs beside the sessions (the lease keeper); in the process that serves, after any fork."""
         self.limits.start()
@@ -217,6 +228,7 @@ class RelayApp:
         self.keys = auth.KeyRing(config.auth.keys)
         self.pool.reload(config.account_specs())
         self.pool.sticky_ttl = config.upstream.sticky_ttl_seconds
+        self.account_sync = self._account_sync(config)
         if config.upstream.ca_file != self.config.upstream.ca_file:
             self.tls_context = upstream.tls_context(config.upstream.ca_file)
         self.allowed_origins = frozenset(o.rstrip("/") for o in config.server.allowed_origins)
