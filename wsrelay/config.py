@@ -386,7 +386,9 @@ def _cross_check(values):
     url = values["upstream.url"]
     if not (url.startswith("ws://") or url.startswith("wss://")):
         problems.append("upstream.url: must start with ws:// or wss://, got %r" % url)
-    problems.extend(_check_limits(values))
+    from .limits import check_settings
+
+    problems.extend(check_settings(values))
     from .accounts import parse_specs
 
     problems.extend(parse_specs(values)[1])
@@ -398,26 +400,6 @@ def _cross_check(values):
             digest = key[len("sha256:"):]
             if len(digest) != 64 or any(c not in "0123456789abcdefABCDEF" for c in digest):
                 problems.append("auth.keys: a sha256: key must be followed by 64 hex digits")
-    return problems
-
-
-def _check_limits(values):
-    problems = []
-    url = values["limits.redis_url"]
-    if url:
-        if not url.startswith(("redis://", "rediss://", "unix://")):
-            problems.append("limits.redis_url: must start with redis://, rediss:// or unix://")
-        else:
-            import importlib.util
-
-            if importlib.util.find_spec("redis") is None:
-                problems.append("limits.redis_url: needs the redis package: pip install 'wsrelay[redis]'")
-    ttl, timeout = values["limits.lease_ttl_seconds"], values["limits.redis_timeout_seconds"]
-    if timeout * 3 >= ttl:
-        problems.append("limits.redis_timeout_seconds: must be under a third of limits.lease_ttl_seconds (%s), "
-                        "or a slow renewal would let leases expire, got %s" % (ttl, timeout))
-    if not values["limits.redis_key_prefix"]:
-        problems.append("limits.redis_key_prefix: must not be empty")
     return problems
 
 

@@ -22,6 +22,7 @@ through it in order, so a lease released during a renewal can never be written b
 """
 
 import collections
+import importlib.util
 import itertools
 import os
 import time
@@ -270,6 +271,24 @@ class RedisLimits(LocalLimits):
             self._removals[:0] = [removal for removal in removals if removal[2] > cutoff]
             raise
         return sum(len(members) for members in by_key.values())
+
+
+def check_settings(values):
+    """Problems with the ``limits.*`` settings (``config.values``), one message each; never the URL itself."""
+    problems = []
+    url = values["limits.redis_url"]
+    if url:
+        if not url.startswith(("redis://", "rediss://", "unix://")):
+            problems.append("limits.redis_url: must start with redis://, rediss:// or unix://")
+        elif importlib.util.find_spec("redis") is None:
+            problems.append("limits.redis_url: needs the redis package: pip install 'wsrelay[redis]'")
+    ttl, timeout = values["limits.lease_ttl_seconds"], values["limits.redis_timeout_seconds"]
+    if timeout * 3 >= ttl:
+        problems.append("limits.redis_timeout_seconds: must be under a third of limits.lease_ttl_seconds (%s), "
+                        "or a slow renewal would let leases expire, got %s" % (ttl, timeout))
+    if not values["limits.redis_key_prefix"]:
+        problems.append("limits.redis_key_prefix: must not be empty")
+    return problems
 
 
 def make(config, tracer):
