@@ -9,6 +9,7 @@ patch()  # before the tests' own imports of socket, ssl and threading
 import pytest  # noqa: E402
 
 from tests.helpers import FAST, ListStore, RecordingTracer, ScriptedUpstream, Served
+from tests.redisserver import REDIS_MISSING_MESSAGE, RedisServer, redis_binary
 from wsrelay import config as config_mod
 from wsrelay import fake_upstream, server
 
@@ -87,6 +88,7 @@ def relay(tracer, store):
     yield start
     for srv in servers:
         srv.stop(timeout=1)
+        srv.app.close()
 
 
 @pytest.fixture
@@ -101,3 +103,25 @@ def serve():
     yield start
     for served in started:
         served.kill()
+
+
+@pytest.fixture(scope="module")
+def redis_server():
+    """A private redis-server for the test module (free port, temporary directory, no persistence); it fails,
+    never skips, when redis-server is not installed."""
+    if redis_binary() is None:
+        pytest.fail(REDIS_MISSING_MESSAGE)
+    server = RedisServer().start()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def redis_url(redis_server):
+    """The module's Redis, running (a test may have stopped it) and empty: its URL."""
+    if redis_server.paused:
+        redis_server.resume()
+    if not redis_server.running():
+        redis_server.start()
+    redis_server.flush()
+    return redis_server.url

@@ -144,3 +144,30 @@ def test_an_account_removed_and_added_again_keeps_counting_its_live_sessions():
     p.reload([spec("b")])
     p.reload([spec("a"), spec("b")])
     assert p.accounts["a"] is a and a.live == 1 and not a.removed
+
+
+def test_a_cooldown_learnt_from_another_instance_stops_the_choice_and_never_shortens_a_local_one():
+    p = pool(spec("a"), spec("b"))
+    a, b = p.accounts["a"], p.accounts["b"]
+    p.learn("a", cooldown_until=20, why="429")
+    assert a.state(10) == COOLING and a.last_failure == "429"
+    assert {p.choose(10).name for _ in range(4)} == {"b"}
+    p.cool_down(b, now=10, seconds=50)
+    p.learn("b", cooldown_until=30)  # shorter than what this instance knows
+    assert b.cooldown_until == 60
+    p.learn("b", disabled_until=100, why="401")
+    assert b.state(70) == DISABLED and b.last_failure == "401"
+    p.learn("gone", cooldown_until=99)  # an account this instance does not have: nothing to learn
+    assert a.state(20.1) == USABLE
+
+
+def test_a_sticky_choice_learnt_from_another_instance_wins_over_the_local_one():
+    p = pool(spec("a"), spec("b"))
+    conversation = identity("k1", {"session-id": "s1"})
+    p.stick(conversation, p.accounts["a"], now=0)
+    p.learn_sticky(conversation, "b", until=100)  # another instance moved it later
+    assert p.choose(50, conversation).name == "b"
+    assert p.choose(100.5, conversation) is not None  # expired: an ordinary choice
+    off = pool(spec("a"), spec("b"), ttl=0)
+    off.learn_sticky(conversation, "b", until=100)
+    assert off.sticky == {}

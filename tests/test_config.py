@@ -396,3 +396,32 @@ def test_http_base_url_given_wins_and_must_be_http():
     assert conf.upstream_http_base_url == "https://proxy.example/openai/v1"
     with pytest.raises(config.ConfigError, match="upstream.http_base_url: must start with http"):
         config.load(overrides={"upstream.http_base_url": "wss://x/v1"})
+
+
+def test_redis_limits_are_off_by_default_with_a_thirty_second_lease():
+    cfg = config.load()
+    assert cfg.limits.redis_url is None
+    assert cfg.limits.lease_ttl_seconds == 30.0
+    assert cfg.limits.redis_timeout_seconds == 0.5
+    assert cfg.limits.redis_key_prefix == "wsrelay:"
+
+
+@pytest.mark.parametrize("overrides, words", [
+    ({"limits.redis_url": "http://127.0.0.1:6379"}, "must start with redis://, rediss:// or unix://"),
+    ({"limits.lease_ttl_seconds": 1, "limits.redis_timeout_seconds": 0.4}, "under a third of"),
+    ({"limits.lease_ttl_seconds": 0}, "must be greater than 0"),
+    ({"limits.redis_key_prefix": ""}, "must not be empty"),
+])
+def test_redis_limit_settings_are_checked(overrides, words):
+    assert any(words in problem for problem in problems_of(None, overrides))
+
+
+def test_a_redis_url_problem_never_shows_the_password(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "redis" else real(name, *a))
+    problems = problems_of(None, {"limits.redis_url": "redis://:hunter2@redis.internal:6379/0"})
+    assert problems == ["limits.redis_url: needs the redis package: pip install 'wsrelay[redis]'"]
+    assert "hunter2" not in " ".join(problems_of(None, {"limits.redis_url": "tcp://:hunter2@redis.internal"}))
+    assert config.load(None, {"limits.redis_url": ""}).limits.redis_url == ""  # empty: off, like unset

@@ -164,6 +164,30 @@ class AccountPool:
         account.last_failure = why
         return first
 
+    # -- what other relay instances learnt (see wsrelay.accountsync) ----------------------------------------
+
+    def learn(self, name, cooldown_until=None, disabled_until=None, why=None):
+        """Another instance cooled ``name`` down or disabled it until then (monotonic, like ``now``): the later
+        end wins, so what this instance learnt itself is never shortened."""
+        account = self.accounts.get(name)
+        if account is None:
+            return
+        if cooldown_until is not None and cooldown_until > account.cooldown_until:
+            account.cooldown_until = cooldown_until
+            account.last_failure = why or account.last_failure
+        if disabled_until is not None and disabled_until > account.disabled_until:
+            account.disabled_until = disabled_until
+            account.last_failure = why or account.last_failure
+
+    def learn_sticky(self, identity, name, until):
+        """Another instance (or this one) last gave ``identity`` to ``name``; it sticks there until ``until``."""
+        if identity is None or self.sticky_ttl <= 0:
+            return
+        self.sticky.pop(identity, None)
+        self.sticky[identity] = (name, until)
+        if len(self.sticky) > STICKY_MAX:
+            del self.sticky[next(iter(self.sticky))]
+
     # -- what the operator sees ----------------------------------------------------------------------------
 
     def ready(self, now):

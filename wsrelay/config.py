@@ -230,6 +230,23 @@ SETTINGS = (
             "drained and billed as without resume).", minimum=1),
     Setting("resume.max_total_bytes", int, 256 * MiB,
             "The most held for retries in all; a turn that would go past it is not held.", minimum=1),
+    Setting("limits.redis_url", str, None,
+            "Redis the relay instances share their state through (redis://[user:password@]host:port/db, "
+            "rediss:// for TLS, unix:///path): the per-key limit becomes leases held in Redis, so it counts the "
+            "sessions and requests of every instance; with upstream.accounts, the account pool's cooldowns, "
+            "disables and sticky conversations are shared too. Needs the redis extra. Empty: each process counts "
+            "alone. The limits.* settings are read at start (a reload keeps them).", nullable=True),
+    Setting("limits.lease_ttl_seconds", float, 30.0,
+            "How long a lease outlives its instance: each instance renews its leases every third of this, so "
+            "the slots of an instance that died without a word (kill -9, a lost host) are free again within "
+            "it.", minimum=0, exclusive_minimum=True),
+    Setting("limits.redis_timeout_seconds", float, 0.5,
+            "Longest a Redis call may take (connect included). Past it, or on any error, the relay goes on with "
+            "local limits and local account state, says so (trace, /readyz, metrics) and reconnects in the "
+            "background; until then no request waits on Redis at all.", minimum=0, exclusive_minimum=True),
+    Setting("limits.redis_key_prefix", str, "wsrelay:",
+            "Prefix of every key the relay writes in Redis: relays that must not share limits can share one "
+            "Redis under different prefixes."),
     Setting("usage.sqlite_path", str, "./wsrelay-usage.db", "SQLite database the usage records go to."),
     Setting("usage.fallback_path", str, None, "Append-only file that holds usage records while the database "
             "cannot be written; re-imported on recovery and at start. Default: <sqlite_path>.pending.jsonl.",
@@ -381,6 +398,9 @@ def _cross_check(values):
     url = values["upstream.url"]
     if not (url.startswith("ws://") or url.startswith("wss://")):
         problems.append("upstream.url: must start with ws:// or wss://, got %r" % url)
+    from .limits import check_settings
+
+    problems.extend(check_settings(values))
     from .accounts import parse_specs
 
     problems.extend(parse_specs(values)[1])

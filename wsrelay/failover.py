@@ -38,6 +38,7 @@ class Attempts:
     def __init__(self, app, key_id, identity, relay_credentials, transport):
         self.app = app
         self.pool = app.pool
+        self.sync = app.account_sync  # None unless the pool's state is shared through Redis
         self.upstream = app.config.upstream
         self.key_id = key_id
         self.identity = identity
@@ -52,6 +53,8 @@ class Attempts:
         if self.left <= 0:
             return None
         self.release()
+        if self.sync is not None:
+            self.sync.pull(self.identity)  # what other instances learnt, before choosing
         account = self.pool.choose(time.monotonic(), self.identity, {a.name for a in self.tried})
         if account is not None:
             self.left -= 1
@@ -79,8 +82,12 @@ class Attempts:
             # In passthrough the limit is the client's own credential's: other clients must still get through.
             seconds = retry_after_seconds(retry_after, self.upstream.default_cooldown_seconds)
             self.pool.cool_down(account, now, seconds, "429")
+            if self.sync is not None:
+                self.sync.cooled_down(account, seconds, "429")
             fields["cooldown_s"] = round(seconds, 3)
         elif outcome == "auth_failed" and self.relay_credentials:
+            if self.sync is not None:
+                self.sync.disabled(account, self.upstream.auth_failure_disable_seconds, str(upstream_status))
             if self.pool.disable(account, now, self.upstream.auth_failure_disable_seconds, str(upstream_status)):
                 self.app.tracer.emit("account_disabled", account=account.name, status=upstream_status,
                                      disabled_s=self.upstream.auth_failure_disable_seconds)
@@ -94,6 +101,8 @@ class Attempts:
 
     def succeeded(self, account):
         self.pool.stick(self.identity, account, time.monotonic())
+        if self.sync is not None:
+            self.sync.stuck(self.identity, account)
         self.app.tracer.emit("account_dial", account=account.name, outcome="ok", transport=self.transport,
                              key_id=self.key_id, attempt=len(self.tried))
 

@@ -33,11 +33,14 @@ class Worker(GeventPyWSGIWorker):
     def run(self):
         app = self.wsgi
         app.store.start()
+        app.start()  # the lease keeper and its Redis connections belong to this worker, made after the fork
         app.tracer.emit("server_listening", worker=self.pid, upstream=app.config.upstream.url,
-                        auth="keys" if app.keys.enabled else "passthrough")
+                        auth="keys" if app.keys.enabled else "passthrough",
+                        limits="redis" if app.limits.shared else "local")
         try:
             super().run()
         finally:
+            app.close()
             app.store.close()
             app.tracer.emit("server_stopped", worker=self.pid)
 

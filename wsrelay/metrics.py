@@ -192,6 +192,15 @@ class _LiveCollector:
                     states.add_metric([account.name, state], 1 if state == current else 0)
             yield live
             yield states
+        limits = getattr(metrics.app, "limits", None)
+        if limits is not None and limits.shared:
+            yield GaugeMetricFamily("wsrelay_limits_redis_up", "1 while per-key limits and account state are "
+                                    "shared through Redis; 0 while Redis is unreachable and this process counts "
+                                    "alone", value=1 if limits.redis.up else 0)
+            yield CounterMetricFamily("wsrelay_limits_redis_outages", "Times Redis became unreachable (each one "
+                                      "traced as limits_redis_unavailable)", value=limits.redis.outages)
+            yield GaugeMetricFamily("wsrelay_limits_leases", "Per-key leases this process holds (its live "
+                                    "sessions and HTTP requests in flight)", value=len(limits.live))
         store = metrics.store
         if store is not None:
             yield GaugeMetricFamily("wsrelay_usage_store_queue_depth", "Usage records not yet durable",

@@ -1,6 +1,5 @@
 """The relay server: routes, authentication, the upstream dial before the 101, and one Session per client."""
 
-import collections
 import contextlib
 import json
 import signal
@@ -10,7 +9,8 @@ import time
 import gevent
 import gevent.event
 
-from . import accounts, auth, httproutes, quota, upstream
+from . import accounts, auth, httproutes, limits, quota, upstream
+from .accountsync import AccountSync
 from .config import ConfigError
 from .accounts import AccountPool
 from .exchange import HTTPTransport
@@ -35,8 +35,9 @@ class RelayApp:
         self.pool = AccountPool(config.account_specs(), config.upstream.sticky_ttl_seconds)
         self.allowed_origins = frozenset(o.rstrip("/") for o in config.server.allowed_origins)
         self.sessions = set()
-        self.per_key = collections.Counter()  # sessions (and dials in progress) per key id
-        self.connections = 0
+        self.limits, self.redis = limits.make(config, tracer)  # per key: local counts, or leases in Redis
+        self.account_sync = self._account_sync(config)
+        self.connections = 0  # sessions (and dials in progress) and HTTP requests in flight, in this process
         self.handshake_guard = HandshakeGuard(self)  # the connections whose request head is awaited
         self.accepting = True
         self.http = HTTPTransport(self)
@@ -55,10 +56,13 @@ class RelayApp:
         if path == "/readyz":
             accounts_ready = self.pool.ready(time.monotonic())
             ready = self.accepting and accounts_ready
-            return _json(start_response, 200 if ready else 503,
-                         {"ready": ready, "sessions": len(self.sessions), "accepting": self.accepting,
-                          "upstream_accounts_usable": accounts_ready})
+            state = {"ready": ready, "sessions": len(self.sessions), "accepting": self.accepting,
+                     "upstream_accounts_usable": accounts_ready}
+            state.update(self.limits.state())  # Redis down is not unready: the relay serves with local limits
+            return _json(start_response, 200 if ready else 503, state)
         if path == "/accounts":
+            if self.account_sync is not None:
+                self.account_sync.pull()
             now = time.monotonic()
             return _json(start_response, 200, {"accounts": self.pool.status(now), "ready": self.pool.ready(now)})
         if path == "/metrics":
@@ -121,23 +125,28 @@ class RelayApp:
 
     @contextlib.contextmanager
     def admitted(self, key_id):
-        """Count a WebSocket session or an HTTP request in flight against the connection limit and its key's
-        limit while the block runs.  Raises :class:`Refusal` (503 or 429) when either is reached."""
+        """Count a WebSocket session or an HTTP request in flight against the connection limit (this process's
+        sockets) and its key's limit (all instances' when shared through Redis) while the block runs.  Raises
+        :class:`Refusal` (503 or 429) when either is reached."""
         if self.connections >= self.config.server.max_connections:
             raise Refusal(503, "server_busy", "the relay is at its connection limit (%d)"
                           % self.config.server.max_connections, [("Retry-After", "1")])
-        if self.per_key[key_id] >= self.config.gateway.openai_ws.max_ingress_connections_per_api_key:
-            raise Refusal(429, "too_many_connections", "this key already holds %d concurrent sessions or requests"
-                          % self.per_key[key_id], [("Retry-After", "1")])
-        self.per_key[key_id] += 1
-        self.connections += 1
+        self.connections += 1  # before the key's lease: taking it may wait on Redis, and others get in meanwhile
+        try:
+            lease, held = self.limits.acquire(key_id, self.config.gateway.openai_ws.max_ingress_connections_per_api_key)
+        except BaseException:
+            self.connections -= 1
+            raise
+        if lease is None:
+            self.connections -= 1
+            raise Refusal(429, "too_many_connections", "this key already holds %d concurrent sessions or requests%s"
+                          % (held, " across the relay's instances" if self.limits.shared and self.redis.up else ""),
+                          [("Retry-After", "1")])
         try:
             yield
         finally:
             self.connections -= 1
-            self.per_key[key_id] -= 1
-            if not self.per_key[key_id]:
-                del self.per_key[key_id]
+            self.limits.release(lease)
 
     def _relay(self, handler, environ, key_id, passthrough):
         headers = upstream.select_headers(environ)
@@ -200,11 +209,28 @@ class RelayApp:
             self.sessions.discard(session)
             self.metrics.session_finished(session)
 
+    def _account_sync(self, config):
+        # With relay credentials only (upstream.accounts): a passthrough client's 429 is about its own key, and
+        # must not cool the account down for every instance.
+        if self.redis is None or not config.upstream.accounts:
+            return None
+        return AccountSync(self.pool, self.redis)
+
+    def start(self):
+        """Start what runs beside the sessions (the lease keeper); in the process that serves, after any fork."""
+        self.limits.start()
+
+    def close(self):
+        """Give the leases back and close the Redis connections (after the sessions have ended)."""
+        self.limits.close()
+
     def reconfigure(self, config):
-        """Take a reloaded configuration: keys, limits, origins and timers apply to sessions from now on."""
+        """Take a reloaded configuration: keys, limits, origins and timers apply to sessions from now on.  The
+        ``limits.*`` Redis settings are read at start only."""
         self.keys = auth.KeyRing(config.auth.keys)
         self.pool.reload(config.account_specs())
         self.pool.sticky_ttl = config.upstream.sticky_ttl_seconds
+        self.account_sync = self._account_sync(config)
         if config.upstream.ca_file != self.config.upstream.ca_file:
             self.tls_context = upstream.tls_context(config.upstream.ca_file)
         self.allowed_origins = frozenset(o.rstrip("/") for o in config.server.allowed_origins)
@@ -271,6 +297,7 @@ def make_server(config, tracer, store=None, listener=None):
         tls = {"ssl_context": context}
     server = RelayServer(address, app, handler_class=RelayHandler, log=None, backlog=config.server.backlog, **tls)
     server.app = app
+    app.start()
     server.client_error_log = lambda handler, status, error: tracer.emit(
         "handshake_refused", status=status, code="unparsable_request", error=error[:200], client=_client(handler))
     return server
@@ -282,6 +309,7 @@ def stop(server, config, tracer, grace=None):
     end_sessions(server.app, config, tracer, grace)
     server.stop(timeout=1)
     server.app.http.close()
+    server.app.close()
 
 
 def end_sessions(app, config, tracer, grace=None):
@@ -328,7 +356,7 @@ def serve(config, tracer, store, reload=None):
     host, port = server.address[:2]
     tracer.emit("server_listening", host=host, port=port, upstream=config.upstream.url,
                 auth="keys" if server.app.keys.enabled else "passthrough",
-                tls=bool(config.server.tls_cert))
+                tls=bool(config.server.tls_cert), limits="redis" if server.app.limits.shared else "local")
     app = server.app
     notifier = Notifier(lambda: "%d live sessions, %s" % (len(app.sessions), "accepting" if app.accepting
                                                            else "stopping"))

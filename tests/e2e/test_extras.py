@@ -4,8 +4,9 @@ for each extra in setup.cfg's ``[options.extras_require]`` except ``test``.
 Each case creates a fresh venv (``python -m venv``: no system site-packages, no test dependencies), installs a
 copy of the repository with that extra only, and then, with the venv's own executables and from a directory
 outside the repository (so nothing is imported from the checkout), runs a real session on 127.0.0.1: the venv's
-``wsrelay fake-upstream``, the relay the install is for, one client turn through the venv's websocket-client, the
-relay stopped with SIGTERM, and the turn's record read back with the venv's ``wsrelay usage --format json``.
+``wsrelay fake-upstream``, the relay the install is for (the redis extra's with its per-key lease in a private
+redis-server), one client turn through the venv's websocket-client, the relay stopped with SIGTERM, and the
+turn's record read back with the venv's ``wsrelay usage --format json``.
 
 A dependency that an install needs but does not declare fails here, not on a user's machine: the suite itself
 runs in a venv with the test extras, which pull in more than any install declares (pytest brings ``packaging``).
@@ -79,9 +80,42 @@ def gunicorn_relay(venv, config, port):
             {"WSRELAY_CONFIG": config})
 
 
+def redis_relay(venv, config, port):
+    """The redis extra's relay: ``wsrelay serve`` with ``limits.redis_url`` (see :data:`SETTINGS`)."""
+    return serve_relay(venv, config, port)
+
+
 # How to run a relay with each install: ``(venv, config, port) -> (argv, extra environment)``.  A new extra in
 # setup.cfg fails its case until it is given one here.
-RELAYS = {BASE: serve_relay, "gunicorn": gunicorn_relay}
+RELAYS = {BASE: serve_relay, "gunicorn": gunicorn_relay, "redis": redis_relay}
+
+
+def redis_settings(request):
+    """A private redis-server for the relay's leases (the suite's fixture); the check, after the turn, that the
+    relay took its lease there and gave it back."""
+    server = request.getfixturevalue("redis_server")
+    url = request.getfixturevalue("redis_url")
+
+    def stats():
+        client = server.client()
+        try:
+            return client.info("commandstats")
+        finally:
+            client.close()
+
+    def check(relay):
+        acquired = stats().get("cmdstat_evalsha", {})
+        assert acquired.get("calls", 0) > acquired.get("failed_calls", 0), (stats(), relay.output())
+        # Given back when the session's handler ends, a moment after the client's close.
+        relay.wait_until(lambda: stats().get("cmdstat_zrem", {}).get("calls", 0) >= 1, "the lease's release",
+                         timeout=10)
+
+    return {"limits": {"redis_url": url, "redis_timeout_seconds": 2}}, check
+
+
+# Settings an install's relay needs besides the common ones, and what to check once its turn is done:
+# ``request -> (settings, check(relay_process))``.
+SETTINGS = {"redis": redis_settings}
 
 
 def executable(venv, name):
@@ -196,7 +230,7 @@ def accepts(port):
 
 
 @pytest.mark.parametrize("extra", [BASE] + declared_extras(), ids=lambda extra: extra or "base")
-def test_install_serves_a_turn_from_a_clean_venv(extra, source, processes, tmp_path):
+def test_install_serves_a_turn_from_a_clean_venv(extra, source, processes, tmp_path, request):
     if extra not in RELAYS:
         pytest.fail("setup.cfg declares the extra %r but this test has no relay to run with it: add one to RELAYS"
                     % extra)
@@ -222,11 +256,12 @@ def test_install_serves_a_turn_from_a_clean_venv(extra, source, processes, tmp_p
 
     config = tmp_path / "wsrelay.yaml"
     db = tmp_path / "usage.db"
-    config.write_text(json.dumps({  # JSON is YAML
+    settings, check = SETTINGS[extra](request) if extra in SETTINGS else ({}, None)
+    config.write_text(json.dumps(dict({  # JSON is YAML
         "server": {"host": "127.0.0.1", "shutdown_grace_seconds": 2},  # the port is each relay's flag
         "upstream": {"url": "ws://127.0.0.1:%d/v1/responses" % upstream_port},
         "usage": {"sqlite_path": str(db)},
-    }))
+    }, **settings)))
     argv, relay_env = RELAYS[extra](venv, str(config), relay_port)
     relay = processes(argv, str(work), dict(env, **relay_env), str(tmp_path / "relay.log"))
     relay.wait_until(lambda: answers(relay_port, "/healthz"), os.path.basename(argv[0]))
@@ -236,6 +271,8 @@ def test_install_serves_a_turn_from_a_clean_venv(extra, source, processes, tmp_p
     completed = json.loads(run([python, str(client), "ws://127.0.0.1:%d/v1/responses" % relay_port],
                                str(work), env, 60, "the client's turn"))
     assert completed["type"] == "response.completed", completed
+    if check is not None:
+        check(relay)
 
     status = relay.stop()
     assert status == 0, "the relay exited %s on SIGTERM:\n%s" % (status, relay.output())

@@ -22,10 +22,11 @@ pytestmark = pytest.mark.timeout(60)
 
 @pytest.fixture
 def gunicorn(tmp_path):
-    """``start(upstream_url, yaml_extra)`` runs gunicorn -k wsrelay.gunicorn.Worker; returns (proc, url, db)."""
+    """``start(upstream_url, yaml_extra, workers=1)`` runs gunicorn -k wsrelay.gunicorn.Worker; returns
+    (proc, url, db)."""
     procs = []
 
-    def start(upstream_url, extra=""):
+    def start(upstream_url, extra="", workers=1):
         port = free_port()
         db = str(tmp_path / "usage.db")
         config = tmp_path / "wsrelay.yaml"
@@ -36,7 +37,7 @@ def gunicorn(tmp_path):
                           "server: {shutdown_grace_seconds: 5}\n%s"
                           % (json.dumps(upstream_url), json.dumps(db), extra))
         env = dict(os.environ, WSRELAY_CONFIG=str(config), WSRELAY_TEST_UPSTREAM="sk-upstream")
-        proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "-k", "wsrelay.gunicorn.Worker", "-w", "1",
+        proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "-k", "wsrelay.gunicorn.Worker", "-w", str(workers),
                                  "-b", "127.0.0.1:%d" % port, "--graceful-timeout", "30",
                                  "wsrelay.wsgi:application"], cwd=REPO, env=env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -137,3 +138,25 @@ def test_gunicorn_worker_answers_a_half_sent_head_with_408_after_the_deadline(fa
     client = connect(url)  # and serves WebSocket clients as before
     client.send(OP_TEXT, CREATE)
     read_until_marker(client, b'"response.completed"')
+
+
+def test_gunicorn_workers_share_one_per_key_limit_through_redis(fake, gunicorn, redis_server, redis_url):
+    _, up_url = fake()
+    proc, url, db = gunicorn(up_url, "limits: {redis_url: %s}\n" % json.dumps(redis_url)
+                             + "gateway: {openai_ws: {max_ingress_connections_per_api_key: 3}}\n", workers=2)
+    held, statuses = [], []
+    for _ in range(6):  # whichever worker accepts each one, the key holds 3 at most
+        sock, status, headers, body = raw_request(url, [("Authorization", "Bearer key-alice")])
+        statuses.append(status)
+        if status == 101:
+            held.append(sock)
+        else:
+            sock.close()
+    assert statuses == [101] * 3 + [429] * 3
+    client = redis_server.client()
+    members = [m.decode() for key in client.scan_iter("wsrelay:lease:*") for m in client.zrange(key, 0, -1)]
+    client.close()
+    # Each lease names the worker that holds it (made after the fork), never the arbiter.
+    assert len(members) == 3 and proc.pid not in {int(m.split(":")[0].rsplit("-", 1)[1]) for m in members}
+    for sock in held:
+        sock.close()

@@ -88,7 +88,7 @@ def test_readyz_is_503_while_the_relay_is_stopping(fake, relay, tracer):
 
 
 
-def test_grafana_dashboard_only_queries_metrics_the_relay_exports(fake, relay, tracer):
+def test_grafana_dashboard_only_queries_metrics_the_relay_exports(fake, relay, tracer, redis_url):
     import os
     import re
 
@@ -98,7 +98,7 @@ def test_grafana_dashboard_only_queries_metrics_the_relay_exports(fake, relay, t
     exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
     used = set(re.findall(r"\b(wsrelay_[a-z_]+)", " ".join(exprs)))
     _, url = fake()
-    relay_url = relay(url)
+    relay_url = relay(url, limits__redis_url=redis_url)  # the shared limits' metrics too
     connect(relay_url).send(OP_TEXT, CREATE)
     with urllib.request.urlopen(http_base(relay_url) + "/metrics", timeout=5) as response:
         text = response.read().decode()
