@@ -19,6 +19,7 @@ from .httproutes import Refusal
 from .handshake import HandshakeGuard, RelayServer
 from .keepalive import app_keepalive_choice
 from .metrics import Metrics
+from .resume import ResumeRegistry
 from .systemd import Notifier
 from .session import Session
 from .websocket import RelayHandler, error_body, header_tokens, status_line
@@ -39,6 +40,7 @@ class RelayApp:
         self.connections = 0
         self.handshake_guard = HandshakeGuard(self)  # the connections whose request head is awaited
         self.accepting = True
+        self.resume = ResumeRegistry(config.resume.max_total_bytes)  # the cut turns held for their retries
         self.http = HTTPTransport(self)
         self.metrics = Metrics(self, store)
         tracer.listeners.append(self.metrics.observe)
@@ -208,6 +210,7 @@ class RelayApp:
         if config.upstream.ca_file != self.config.upstream.ca_file:
             self.tls_context = upstream.tls_context(config.upstream.ca_file)
         self.allowed_origins = frozenset(o.rstrip("/") for o in config.server.allowed_origins)
+        self.resume.max_total_bytes = config.resume.max_total_bytes
         self.config = config
 
     def shutdown(self, force=False):
