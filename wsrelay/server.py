@@ -10,7 +10,7 @@ import time
 import gevent
 import gevent.event
 
-from . import accounts, auth, httproutes, quota, upstream
+from . import accounts, auth, httproutes, quota, resume_http, upstream
 from .config import ConfigError
 from .accounts import AccountPool
 from .exchange import HTTPTransport
@@ -216,6 +216,7 @@ class RelayApp:
     def shutdown(self, force=False):
         """Stop taking sessions; end live ones at their turn's end (``force``: now, draining their turns)."""
         self.accepting = False
+        resume_http.release_all(self.resume)  # no retry is let in any more: held turns are billed now
         for session in list(self.sessions):
             session.shutdown(force)
         if force:
