@@ -7,7 +7,7 @@ import socket
 
 import pytest
 
-from tests.helpers import port_of, stays_false
+from tests.helpers import port_of, stays_false, wait_until
 from tests.integration.test_http_transport import KEY, UPSTREAM_KEY, read_stream
 from wsrelay import usage
 from wsrelay.fake_upstream import turn_events
@@ -234,6 +234,19 @@ def test_resume_off_holds_nothing(resume_relay, store, tracer):
     store.wait(1)
     whole_turn(port, body())
     assert len(posts(app)) == 2 and not tracer.find("resume_held") and not tracer.find("resume_miss")
+
+
+def test_held_turns_are_counted_and_their_bytes_are_a_gauge(resume_relay, store, tracer):
+    _, port, relay_app = resume_relay({"silence": 1.0})
+    cut_after_first_events(port, body())
+    tracer.wait_for("resume_held")
+    wait_until(lambda: relay_app.resume.total_bytes > 0)
+    metrics = relay_app.metrics.render()[1].decode()
+    assert 'wsrelay_resume_turns_total{outcome="held",transport="http"} 1.0' in metrics
+    assert "wsrelay_resume_held_bytes %s" % float(relay_app.resume.total_bytes) in metrics
+    whole_turn(port, body())
+    metrics = relay_app.metrics.render()[1].decode()
+    assert 'wsrelay_resume_turns_total{outcome="hit",transport="http"} 1.0' in metrics
 
 
 def test_a_resumed_client_gets_keepalives_while_the_upstream_is_silent(resume_relay, store, tracer):
