@@ -11,7 +11,8 @@ The seed's rules hold here too.  After the first event, a client that has had no
 ``gateway.openai_http.sse_keepalive_interval_seconds`` gets an SSE comment (proxies see traffic; clients ignore
 it) and, for Codex, an app keepalive event its idle watchdog counts — only between events, never inside one.
 When the client leaves mid-stream, the upstream is read on (bounded by the drain timeout) to the terminal event,
-and the turn is recorded with ``client_disconnected=true`` — one record per response.
+and the turn is recorded with ``client_disconnected=true`` — one record per response.  Unless the turn can be
+resumed: then it is held for the client's retry instead (:mod:`wsrelay.resume_http`).
 """
 
 import json
@@ -21,7 +22,7 @@ import uuid
 
 import gevent
 
-from . import accounts, sniff, usage
+from . import accounts, resume_http, sniff, usage
 from .clientwatch import ClientGone, ClientWatch
 from .failover import FAILOVER_UPSTREAM_STATUSES, Attempts, credential_header
 from .httpclient import HTTPUpstreamError, UpstreamHTTP
@@ -68,6 +69,8 @@ class Exchange:
         self.keepalives = 0
         self.app_keepalives = 0
         self.ledger = None
+        self.body = None  # a Responses request's body, read whole
+        self.held = None  # the resume_http.HeldStream recording this exchange's event stream
         self.write = None
         self.body_read = False
         self.waiting = False  # blocked reading the upstream (a departing client may interrupt it)
@@ -125,8 +128,11 @@ class Exchange:
         headers = upstream_headers(self.environ, None)
         cache_key = model = None
         if self.kind == RESPONSES:
-            body = self._read_body(limit)
+            body = self.body = self._read_body(limit)
             length = len(body)
+            turn = resume_http.take(self, body)
+            if turn is not None:  # the retry of a cut turn held here: it gets that turn, nothing goes upstream
+                return resume_http.replay(self, turn)
             model = sniff.model_hint(body[:4096])
             cache_key = sniff.prompt_cache_key(body)
         elif length or "chunked" in self.environ.get("HTTP_TRANSFER_ENCODING", "").lower():
@@ -227,12 +233,14 @@ class Exchange:
         headers = [(name, value) for name, value in response.headers if name.lower() not in dropped]
         if self.handler is not None:
             self.handler.stream_response(self.settings.write_timeout_seconds)
-        self.write = self.start_response(status_line_for(response.status, response), headers)
+        status_line = status_line_for(response.status, response)
+        self.write = self.start_response(status_line, headers)
         if response.status >= 400:
             self.ledger = None  # refused before any turn ran: the status is in the trace, there is nothing to bill
         watch = ClientWatch(self.handler.socket, self._client_closed) if self.handler is not None else None
         try:
             if streaming and self.kind == RESPONSES and self.ledger is not None:
+                self.held = resume_http.recorder(self, status_line, headers)
                 self._relay_events(response)
             else:
                 self._relay_body(response, content_type)
@@ -351,6 +359,8 @@ class Exchange:
         deadline = None  # the drain's, once the client is gone
         while True:
             if not self.client_open and deadline is None:
+                if self.held is not None and self.held.hold(reader):  # resume: kept for the client's retry
+                    return self.held.pump(response, reader, ledger)
                 deadline = self._start_drain(now)
             wait = last_up + read_timeout - now
             keepalive = self.client_open and reader.events and reader.at_boundary and ledger.in_flight
@@ -396,6 +406,8 @@ class Exchange:
                     self.trace("http_upstream_ended_mid_turn", key_id=self.key_id)
                 return self._settle(usage.RELAY_UPSTREAM_LOST)
             last_up = now
+            if self.held is not None:
+                self.held.record(data)
             if self._send(data):
                 last_write = last_business = now
             for event in reader.feed(data):
@@ -430,6 +442,8 @@ class Exchange:
             self._record(self.ledger.close())
 
     def _record(self, records):
+        if self.held is not None:
+            records = self.held.park(records)  # a held turn's records wait for its fate (resume_http)
         store = self.app.store
         for record in records:
             self.trace("usage_recorded", **{name: getattr(record, name) for name in usage.REPORT_FIELDS})

@@ -64,6 +64,9 @@ class Metrics:
         self.lingering_closes = Counter("wsrelay_lingering_closes", "Lingering closes after the relay's own close, "
                                         "by side and how they ended (close, eof, reset, timeout, idle, max_bytes)",
                                         ["side", "outcome"], registry=registry)
+        self.resume_turns = Counter("wsrelay_resume_turns", "Turn resume: turns held for a retry, retries that got "
+                                    "one (hit), held turns that expired, and misses (miss_<reason>), by transport",
+                                    ["transport", "outcome"], registry=registry)
         self._completed = {"bytes": dict.fromkeys(DIRECTIONS, 0), "frames": dict.fromkeys(DIRECTIONS, 0)}
         registry.register(_LiveCollector(self))
 
@@ -130,6 +133,14 @@ def _account_dial(metrics, fields):
         metrics.account_cooldowns.labels(account).inc()
 
 
+def _resume(outcome):
+    def count(metrics, fields):
+        label = outcome if outcome != "miss" else "miss_%s" % fields.get("reason")
+        metrics.resume_turns.labels(str(fields.get("transport")), label).inc()
+
+    return count
+
+
 _HANDLERS = {
     "dial_ok": _dial_ok,
     "dial_failed": _dial_failed,
@@ -147,6 +158,10 @@ _HANDLERS = {
     "http_request": _http_request,
     "account_dial": _account_dial,
     "account_quota_exhausted": lambda m, f: m.account_cooldowns.labels(str(f.get("account"))).inc(),
+    "resume_held": _resume("held"),
+    "resume_hit": _resume("hit"),
+    "resume_miss": _resume("miss"),
+    "resume_expired": _resume("expired"),
     "lingering_close": lambda m, f: m.lingering_closes.labels(str(f.get("side")), str(f.get("outcome"))).inc(),
 }
 
@@ -201,6 +216,10 @@ class _LiveCollector:
                                       "traced as limits_redis_unavailable)", value=limits.redis.outages)
             yield GaugeMetricFamily("wsrelay_limits_leases", "Per-key leases this process holds (its live "
                                     "sessions and HTTP requests in flight)", value=len(limits.live))
+        registry = getattr(metrics.app, "resume", None)
+        if registry is not None:
+            yield GaugeMetricFamily("wsrelay_resume_held_bytes", "Bytes of responses held for a retry of their turn",
+                                    value=registry.total_bytes)
         store = metrics.store
         if store is not None:
             yield GaugeMetricFamily("wsrelay_usage_store_queue_depth", "Usage records not yet durable",

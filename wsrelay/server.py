@@ -9,7 +9,7 @@ import time
 import gevent
 import gevent.event
 
-from . import accounts, auth, httproutes, limits, quota, upstream
+from . import accounts, auth, httproutes, limits, quota, resume_http, upstream
 from .accountsync import AccountSync
 from .config import ConfigError
 from .accounts import AccountPool
@@ -19,6 +19,7 @@ from .httproutes import Refusal
 from .handshake import HandshakeGuard, RelayServer
 from .keepalive import app_keepalive_choice
 from .metrics import Metrics
+from .resume import ResumeRegistry
 from .systemd import Notifier
 from .session import Session
 from .websocket import RelayHandler, error_body, header_tokens, status_line
@@ -40,6 +41,7 @@ class RelayApp:
         self.connections = 0  # sessions (and dials in progress) and HTTP requests in flight, in this process
         self.handshake_guard = HandshakeGuard(self)  # the connections whose request head is awaited
         self.accepting = True
+        self.resume = ResumeRegistry(config.resume.max_total_bytes)  # the cut turns held for their retries
         self.http = HTTPTransport(self)
         self.metrics = Metrics(self, store)
         tracer.listeners.append(self.metrics.observe)
@@ -234,11 +236,13 @@ class RelayApp:
         if config.upstream.ca_file != self.config.upstream.ca_file:
             self.tls_context = upstream.tls_context(config.upstream.ca_file)
         self.allowed_origins = frozenset(o.rstrip("/") for o in config.server.allowed_origins)
+        self.resume.max_total_bytes = config.resume.max_total_bytes
         self.config = config
 
     def shutdown(self, force=False):
         """Stop taking sessions; end live ones at their turn's end (``force``: now, draining their turns)."""
         self.accepting = False
+        resume_http.release_all(self.resume)  # no retry is let in any more: held turns are billed now
         for session in list(self.sessions):
             session.shutdown(force)
         if force:

@@ -172,6 +172,7 @@ class UsageRecord:
     duration_ms: int = 0
     transport: str = "websocket"  # how the client reached the relay: "websocket" or "http"
     account: str = None  # the upstream account that served it
+    resumed: bool = False
 
     def to_dict(self):
         return asdict(self)

@@ -17,13 +17,20 @@ the run instead of being retried.
   which lands on the other account.  (Measured: Codex reconnects some 0.2 s after the close, its first backoff;
   with ``stream_max_retries = 0`` it falls back to HTTP at once instead, and the relay's HTTP transport then gives
   the request to the other account as well.)
+- HTTP/SSE, its connection to the relay cut mid-turn (a fault proxy resets it once): Codex, with its default
+  retries, sends the same ``POST`` again (same ``session-id``, ``turn_id`` and input; measured some 0.2 s after
+  the cut, ``Reconnecting... 1/5``); the relay answers it with the held turn, so the upstream sees one request and
+  the turn is billed once, as resumed.
 """
+
+import gevent
 
 import time
 
 import pytest
 
 from tests.codex import run_codex
+from tests.faultproxy import FaultProxy
 from tests.e2e.nginx import NGINX_MISSING_MESSAGE, NginxProxy, nginx_binary
 from tests.helpers import APP_KEEPALIVE_INTERVAL, first_exit, port_of, wait_until
 from wsrelay.exchange import STAGE_APP, STAGE_SSE_OK
@@ -192,3 +199,33 @@ def test_codex_with_websockets_resends_a_turn_cut_by_a_quota_error_on_another_ac
                          for r in store.records if r["account"] == name] for name in ("a", "b")}
     assert by_account == {"a": [("response.completed", 0, False, "websocket"), ("error", 0, False, "websocket")],
                           "b": [("response.completed", TURN_TOKENS, False, "websocket")]}, store.records
+
+
+def test_codex_over_http_gets_its_cut_turn_back_from_the_relay_and_the_upstream_runs_it_once(
+        fake, relay, store, tracer, tmp_path):
+    app, upstream_url = upstream_fake(fake, silence=3.0)
+    url = start_relay(relay, upstream_url)
+    proxy = FaultProxy(port_of(url))
+
+    def cut_once():
+        wait_until(lambda: responses_posts(app), timeout=30, what="Codex's request upstream")
+        gevent.sleep(0.5)  # the turn's first events have reached Codex; the upstream is silent
+        proxy.cut()
+
+    cutter = gevent.spawn(cut_once)
+    try:
+        # Codex's own defaults for a provider's retries.
+        run = run_codex(tmp_path, "http://127.0.0.1:%d/v1" % proxy.port, RELAY_KEY, stream_max_retries=5,
+                        request_max_retries=4)
+    finally:
+        cutter.kill()
+        proxy.close()
+    run.assert_completed()
+    assert "Reconnecting... 1/5" in run.stderr, run.describe()
+    held, hit = tracer.wait_for("resume_held"), tracer.wait_for("resume_hit")
+    assert held["transport"] == hit["transport"] == "http" and held["turn_id"] == hit["turn_id"]
+    assert len(responses_posts(app)) == 1, app.http_requests
+    record = turn_records(store)[0]
+    assert len(store.records) == 1, store.records
+    assert (record["resumed"], record["client_disconnected"], record["total_tokens"]) == (True, False, TURN_TOKENS)
+    assert not tracer.find("resume_miss"), tracer.find("resume_miss")
