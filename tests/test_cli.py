@@ -156,7 +156,7 @@ def test_usage_json_lists_the_records_with_the_documented_fields(usage_db):
     assert isinstance(rows, list) and len(rows) == 2
     documented = ["response_id", "model", "key_id", "input_tokens", "output_tokens", "total_tokens",
                   "cached_tokens", "reasoning_tokens", "image_tokens", "terminal_event", "client_disconnected",
-                  "started_at", "duration_ms", "transport", "account"]
+                  "started_at", "duration_ms", "transport", "account", "instance"]
     assert list(FIELDS) == documented
     for row in rows:
         assert list(row) == documented

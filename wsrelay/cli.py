@@ -60,7 +60,7 @@ def serve(config_path, host, port, upstream):
 @click.option("--db", "db_path", type=click.Path(dir_okay=False), help="Usage database (default: usage.sqlite_path).")
 @click.option("--since", help="Only turns started since: a duration (24h, 7d), a UTC date (2026-11-01) or epoch.")
 @click.option("--group-by", "group_by",
-              help="Sum per group instead of listing turns: key,model,day,event,account,transport.")
+              help="Sum per group instead of listing turns: key,model,day,event,account,transport,instance.")
 @click.option("--format", "fmt", type=click.Choice(["json", "table", "csv"]), default="table", show_default=True)
 def usage(config_path, db_path, since, group_by, fmt):
     """Print the recorded usage: one row per turn, or sums per group; tables end with a TOTAL row."""
