@@ -2,6 +2,8 @@ import contextlib
 import json
 import os
 import sqlite3
+import subprocess
+import sys
 import time
 
 import gevent
@@ -9,7 +11,8 @@ import gevent.event
 import pytest
 from gevent.monkey import get_original
 
-from tests.helpers import wait_until
+from tests.helpers import REPO, wait_until
+from wsrelay.fallback import FallbackFile
 from wsrelay.store import UsageStore
 from wsrelay.trace import NullTracer
 from wsrelay.usage import UsageRecord
@@ -167,14 +170,15 @@ def test_database_and_its_directory_are_created_in_wal_mode(make_store, paths):
 
 def test_put_returns_immediately_and_the_hub_keeps_running_while_the_disk_is_slow(make_store):
     writing = []
+    store = make_store()
+    write = store.backend.write
 
-    class SlowStore(UsageStore):
-        def _write_rows(self, rows):
-            writing.append(True)
-            native_sleep(0.3)  # blocks the pool thread only
-            return super()._write_rows(rows)
+    def slow_write(records):
+        writing.append(True)
+        native_sleep(0.3)  # blocks the pool thread only
+        return write(records)
 
-    store = make_store(SlowStore)
+    store.backend.write = slow_write
     store.start()
     ticks = []
 
@@ -361,3 +365,29 @@ def test_flush_and_close_are_safe_without_start(paths):
     assert not store.flush(0.1)
     store.close(timeout=0.1)
     store.close(timeout=0.1)
+
+
+APPEND_ONE = """\
+import json, sys
+from wsrelay.fallback import FallbackFile
+FallbackFile(sys.argv[1]).append([json.loads(sys.argv[2])])
+"""
+
+
+def test_another_process_appending_during_an_import_waits_and_its_record_survives_the_truncation(paths):
+    _, fallback_path = paths
+    write_fallback(fallback_path, [rec(0)])
+    claim = FallbackFile(fallback_path).claim()
+    late = rec(1).to_dict()
+    other = subprocess.Popen([sys.executable, "-c", APPEND_ONE, fallback_path, json.dumps(late)], cwd=REPO)
+    try:
+        with pytest.raises(subprocess.TimeoutExpired):
+            other.wait(timeout=0.5)  # held by the lock while the import is between its read and its truncation
+        assert [r["record_id"] for r in claim.records] == [fallback_ids(fallback_path)[0]]
+        claim.clear()
+        claim.release()
+        assert other.wait(timeout=10) == 0
+    finally:
+        if other.poll() is None:
+            other.kill()
+    assert fallback_ids(fallback_path) == [late["record_id"]]
