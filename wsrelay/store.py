@@ -21,18 +21,18 @@ import gevent.event
 import gevent.queue
 from gevent.threadpool import ThreadPool
 
+from wsrelay import dburl
 from wsrelay.fallback import FallbackFile
 from wsrelay.usage import UsageRecord
 
 _STOP = object()
-POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 
 
 def open_backend(target, busy_timeout=2.0):
     """The backend for ``target``: a ``postgresql://`` URL, a SQLite path, or a backend object as it is."""
     if not isinstance(target, str):
         return target
-    if target.startswith(POSTGRES_SCHEMES):
+    if dburl.is_postgres(target):
         from .store_postgres import PostgresBackend
 
         return PostgresBackend(target)
