@@ -51,16 +51,17 @@ def _capture(fn, args):
 class UsageStore:
     """Queue-fed, batch-writing usage store; every public method is called from greenlets of one hub."""
 
-    def __init__(self, target, fallback_path=None, retry_interval=1.0, batch_size=256, trace=None,
+    def __init__(self, target, fallback_path=None, retry_interval=1.0, batch_size=None, trace=None,
                  busy_timeout=2.0):
         """``target``: a SQLite path, a ``postgresql://`` URL or a backend (see :func:`open_backend`);
         ``fallback_path`` defaults to ``<sqlite path>.pending.jsonl`` (a URL has no default: without one, records
-        the database refuses wait in memory)."""
+        the database refuses wait in memory); ``batch_size``, the most records written at once, defaults to the
+        backend's own."""
         self.backend = open_backend(target, busy_timeout)
         self.fallback = FallbackFile(fallback_path or self.backend.default_fallback_path())
         self.fallback_path = self.fallback.path
         self.retry_interval = retry_interval
-        self.batch_size = max(1, int(batch_size))
+        self.batch_size = max(1, int(batch_size or self.backend.batch_size))
         self.failures = 0
         self._trace = trace
         self._queue = gevent.queue.Queue()

@@ -7,9 +7,9 @@ patch first); :meth:`PostgresBackend.open` refuses to run on a psycopg that woul
 bounded by ``timeout``; past it the connection is dropped and the batch goes to the fallback file.
 
 A batch is one statement: the records as one JSON array, unpacked by ``json_populate_recordset`` and inserted with
-``ON CONFLICT (record_id) DO NOTHING``, which keeps the work done on the hub small (one ``json.dumps``) and makes
-every insert idempotent.  The table is created, and the columns of newer record fields added, under an advisory
-lock, so workers starting together do not race on the DDL.
+``ON CONFLICT (record_id) DO NOTHING``, which keeps the work done on the hub small (one ``json.dumps``; batches
+are small, see ``batch_size``) and makes every insert idempotent.  The table is created, and the columns of
+newer record fields added, under an advisory lock, so workers starting together do not race on the DDL.
 """
 
 import json
@@ -46,6 +46,9 @@ def _blocks_the_hub():
 
 class PostgresBackend:
     cooperative = True
+    # The records of a batch are turned into one JSON text on the hub: 64 cost about 1 ms of its CPU (256 about
+    # 2 ms, which a busy machine stretches towards the 5 ms a frame may wait), and still make over 10 000 a second.
+    batch_size = 64
     errors = (psycopg.Error, OSError, DatabaseTimeout)
 
     def __init__(self, url, timeout=10.0, connect_timeout=5):

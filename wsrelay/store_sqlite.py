@@ -17,6 +17,7 @@ _native_ident = get_original("_thread", "get_ident")
 
 class SQLiteBackend:
     cooperative = False
+    batch_size = 256
     errors = (sqlite3.Error, OSError)
 
     def __init__(self, path, busy_timeout=2.0):
