@@ -391,3 +391,21 @@ def test_another_process_appending_during_an_import_waits_and_its_record_survive
         if other.poll() is None:
             other.kill()
     assert fallback_ids(fallback_path) == [late["record_id"]]
+
+
+def test_imports_back_off_while_the_database_stays_away_and_resume_at_once_after(make_store, paths, trace,
+                                                                                 tmp_path):
+    (tmp_path / "data" / "usage.db").mkdir(parents=True)  # a directory where the database should be
+    attempts = []
+    trace.tracer.listeners.append(
+        lambda stage, fields: attempts.append(time.monotonic()) if stage == "usage_store_retry_failed" else None)
+    store = make_store(retry_interval=0.02)
+    store.start()
+    store.put(rec(0))
+    assert store.flush(5.0)
+    wait_until(lambda: len(attempts) >= 6, timeout=10.0, what="six failed imports")
+    gaps = [b - a for a, b in zip(attempts, attempts[1:])]
+    assert gaps[-1] >= 4 * 0.02 and gaps[-1] > 2 * gaps[0], gaps
+    (tmp_path / "data" / "usage.db").rmdir()
+    trace.wait_for("usage_store_recovered", timeout=5.0)
+    assert store._import_wait == 0.02

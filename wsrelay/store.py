@@ -75,6 +75,7 @@ class UsageStore:
         self._current = None  # the batch being written, so close() can still report it if the write hangs
         self._fallback_dirty = False
         self._last_import_attempt = 0.0
+        self._import_wait = retry_interval  # doubles while the database stays away, up to 16 retry intervals
 
     # -- greenlet side -------------------------------------------------------------------------------------
 
@@ -263,18 +264,22 @@ class UsageStore:
         return value
 
     def _try_import(self):
-        """Move the fallback file into the database, at most once per retry interval."""
+        """Move the fallback file into the database, at most once per retry interval (backing off while it fails:
+        an attempt on an unreachable server holds the writer for the connect timeout, and the batches that come
+        meanwhile wait in memory)."""
         now = time.monotonic()
-        if not self._fallback_dirty or now - self._last_import_attempt < self.retry_interval:
+        if not self._fallback_dirty or now - self._last_import_attempt < self._import_wait:
             return
         self._last_import_attempt = now
         try:
             imported, skipped = self._import_fallback()
         except self.backend.errors + (OSError,) as exc:
+            self._import_wait = min(self._import_wait * 2, self.retry_interval * 16)
             self._emit("usage_store_retry_failed", error=type(exc).__name__, message=self._message(exc),
                        path=self.fallback_path)
             return
         self._fallback_dirty = False
+        self._import_wait = self.retry_interval
         for lineno, reason, text in skipped:
             # The raw text goes to the trace so a damaged record can still be recovered by hand.
             self._emit("usage_fallback_line_skipped", path=self.fallback_path, line=lineno, reason=reason,
