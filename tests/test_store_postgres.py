@@ -4,6 +4,7 @@ free while a query is slow."""
 
 import json
 import os
+import socket
 import time
 
 import gevent
@@ -227,6 +228,20 @@ def test_the_password_in_the_url_never_reaches_the_trace(make_store, postgres, t
     text = json.dumps(trace.events)
     assert "nowhere" in text and "s3cr" not in text, text
     assert store.backend.describe() == "postgresql://wsrelay:***@127.0.0.1:%d/nowhere?password=***" % server.port
+
+
+def test_a_server_that_does_not_answer_holds_the_start_up_for_one_connect_timeout_only(make_store, trace):
+    with socket.socket() as silent:  # listening, never accepting: a connect hangs like one to a lost host
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(0)
+        store = make_store("postgresql://wsrelay@127.0.0.1:%d/usage" % silent.getsockname()[1])
+        store.backend.connect_timeout = 2  # libpq's least
+        started = time.monotonic()
+        store.start()
+        elapsed = time.monotonic() - started
+        assert 1.9 < elapsed < 3.5, elapsed
+        assert trace.stages() == ["usage_store_failed"]
+        store.close(timeout=0.5)
 
 
 def test_a_psycopg_that_would_block_the_hub_is_refused(postgres, monkeypatch):

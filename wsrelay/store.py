@@ -86,12 +86,16 @@ class UsageStore:
 
     def start(self):
         self._ensure_pool()
+        self._fallback_dirty = True
         try:
             self._db(self.backend.open)
         except self.backend.errors as exc:
             self._emit("usage_store_failed", error=type(exc).__name__, message=self._message(exc), count=0)
-        self._fallback_dirty = True
-        self._try_import()
+            # The writer imports the fallback file later: trying now would hold the start up for a second connect
+            # timeout when the server does not answer.
+            self._last_import_attempt = time.monotonic()
+        else:
+            self._try_import()
         if self._writer is None:
             self._writer = gevent.spawn(self._run)
 
