@@ -244,6 +244,12 @@ def test_a_server_that_does_not_answer_holds_the_start_up_for_one_connect_timeou
         store.close(timeout=0.5)
 
 
+def test_the_urls_own_connect_timeout_and_application_name_win_over_the_defaults():
+    assert PostgresBackend("postgresql://h/db").connect_defaults() == {"connect_timeout": 5,
+                                                                       "application_name": "wsrelay"}
+    assert PostgresBackend("postgresql://h/db?connect_timeout=20&application_name=billing").connect_defaults() == {}
+
+
 def test_a_psycopg_that_would_block_the_hub_is_refused(postgres, monkeypatch):
     if not hasattr(waiting, "wait_c"):
         pytest.skip("this psycopg has no C wait function")

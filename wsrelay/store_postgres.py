@@ -19,6 +19,7 @@ import gevent
 import gevent.lock
 import psycopg
 from psycopg import waiting
+from psycopg.conninfo import conninfo_to_dict
 
 from . import dburl
 from .usage_table import COLUMNS, create_table, missing_columns
@@ -91,8 +92,7 @@ class PostgresBackend:
         if _blocks_the_hub():
             raise RuntimeError("psycopg was imported before gevent patched the standard library: its waits would "
                                "block every session (import wsrelay's entry point first)")
-        conn = psycopg.connect(self.url, autocommit=True, connect_timeout=self.connect_timeout,
-                               application_name="wsrelay")
+        conn = psycopg.connect(self.url, autocommit=True, **self.connect_defaults())
         try:
             with conn.transaction():
                 conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
@@ -109,6 +109,12 @@ class PostgresBackend:
             raise
         self._conn, self._pid = conn, os.getpid()
         return conn
+
+    def connect_defaults(self):
+        """What the connection gets unless the URL says otherwise: ``connect_timeout`` and ``application_name``."""
+        given = conninfo_to_dict(self.url)
+        defaults = {"connect_timeout": self.connect_timeout, "application_name": "wsrelay"}
+        return {k: v for k, v in defaults.items() if k not in given}
 
     def _drop(self):
         conn, self._conn = self._conn, None
