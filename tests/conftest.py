@@ -1,15 +1,18 @@
-"""The fixtures: real servers on 127.0.0.1 (fake or scripted upstream, the relay, ``wsrelay serve``), each stopped
-at teardown.  Everything else the tests share is in ``tests/helpers.py``.
+"""The fixtures: real servers on 127.0.0.1 (fake or scripted upstream, the relay, ``wsrelay serve``, a private
+PostgreSQL), each stopped at teardown.  Everything else the tests share is in ``tests/helpers.py``.
 """
 
 from wsrelay._gevent import patch
 
 patch()  # before the tests' own imports of socket, ssl and threading
 
+import uuid  # noqa: E402
+
 import pytest  # noqa: E402
 
 from tests.helpers import FAST, ListStore, RecordingTracer, ScriptedUpstream, Served
 from tests.redisserver import REDIS_MISSING_MESSAGE, RedisServer, redis_binary
+from tests.postgres import PostgresMissing, PrivatePostgres
 from wsrelay import config as config_mod
 from wsrelay import fake_upstream, server
 
@@ -125,3 +128,34 @@ def redis_url(redis_server):
         redis_server.start()
     redis_server.flush()
     return redis_server.url
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A private PostgreSQL server for the whole run (a temporary data directory, a free port), destroyed at the
+    end.  A machine without PostgreSQL fails the tests that need it: bin/run-tests installs it."""
+    try:
+        server = PrivatePostgres()
+    except PostgresMissing as exc:
+        pytest.fail(str(exc), pytrace=False)
+    try:
+        server.start()
+    except BaseException:
+        server.destroy()
+        raise
+    yield server
+    server.destroy()
+
+
+@pytest.fixture
+def postgres(postgres_server):
+    """``(server, url)``: a fresh database of the test's own on the private server (running at the start)."""
+    name = "t_" + uuid.uuid4().hex[:12]
+    url = postgres_server.create_database(name)
+    yield postgres_server, url
+    try:
+        if not postgres_server.running():
+            postgres_server.start()  # a test that stopped it and failed before starting it again
+        postgres_server.execute("postgres", 'DROP DATABASE IF EXISTS "%s" WITH (FORCE)' % name)
+    except Exception:
+        pass  # a database left behind goes with the server at the end of the run

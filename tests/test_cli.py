@@ -156,7 +156,7 @@ def test_usage_json_lists_the_records_with_the_documented_fields(usage_db):
     assert isinstance(rows, list) and len(rows) == 2
     documented = ["response_id", "model", "key_id", "input_tokens", "output_tokens", "total_tokens",
                   "cached_tokens", "reasoning_tokens", "image_tokens", "terminal_event", "client_disconnected",
-                  "started_at", "duration_ms", "transport", "account", "resumed"]
+                  "started_at", "duration_ms", "transport", "account", "resumed", "instance"]
     assert list(FIELDS) == documented
     for row in rows:
         assert list(row) == documented
@@ -177,6 +177,30 @@ def test_usage_db_flag_reads_that_database(usage_db, tmp_path):
     result = run("usage", "--db", tmp_path / "usage.db", "--format", "json")
     assert result.returncode == 0, result.stderr
     assert [r["model"] for r in json.loads(result.stdout)] == ["gpt-5-codex", "gpt-5"]
+
+
+def test_usage_reads_postgresql_when_the_config_names_a_database_url(tmp_path, postgres):
+    url = postgres[1]
+    store = UsageStore(url, fallback_path=str(tmp_path / "pending.jsonl"))
+    store.start()
+    for record in make_records():
+        store.put(record)
+    assert store.flush(10)
+    store.close()
+    path = write_config(tmp_path, "usage: {database_url: %s, fallback_path: %s}\n"
+                        % (json.dumps(url), json.dumps(str(tmp_path / "pending.jsonl"))))
+    result = run("usage", "--config", path, "--format", "json")
+    assert result.returncode == 0, result.stderr
+    assert [r["response_id"] for r in json.loads(result.stdout)] == ["resp_one", None]
+    by_flag = run("usage", "--config", good_config(tmp_path), "--db", url, "--format", "json")
+    assert by_flag.returncode == 0 and len(json.loads(by_flag.stdout)) == 2, by_flag.stderr
+
+
+def test_check_config_accepts_a_database_url_and_never_prints_its_password(tmp_path):
+    path = write_config(tmp_path, "usage: {database_url: 'postgresql://relay:hunter2@db.internal/usage'}\n")
+    result = run("check-config", "--config", path)
+    assert result.returncode == 0, result.stderr
+    assert "hunter2" not in result.stdout + result.stderr
 
 
 def test_usage_since_filters_by_start_time(usage_db):

@@ -97,6 +97,19 @@ def test_fallback_path_defaults_next_to_the_database(tmp_path):
     assert cfg.usage_fallback_path == str(tmp_path / "f.jsonl")
 
 
+def test_usage_goes_to_postgresql_when_a_database_url_is_set_and_to_sqlite_otherwise(tmp_path):
+    assert config.load(None, {"usage.sqlite_path": "u.db"}).usage_database == "u.db"
+    cfg = config.load(None, {"usage.database_url": "postgresql://relay@db:5432/usage", "usage.sqlite_path": "u.db"})
+    assert cfg.usage_database == "postgresql://relay@db:5432/usage"
+    assert cfg.usage_fallback_path == "u.db.pending.jsonl"
+
+
+def test_a_database_url_refused_never_shows_its_password():
+    problems = problems_of(None, {"usage.database_url": "mysql://relay:hunter2@db/usage?password=hunter2"})
+    assert problems == ["usage.database_url: must start with postgresql:// or postgres://, got "
+                        "'mysql://relay:***@db/usage?password=***'"]
+
+
 # -- the file and the overrides ----------------------------------------------------------------------------------
 
 
@@ -238,6 +251,7 @@ def test_config_error_message_joins_the_problems():
     (WS + "close_timeout_seconds", 0, "greater than 0"),
     ("usage.max_event_bytes", 100, "at least 1024"),
     ("usage.sqlite_path", None, "empty"),
+    ("usage.database_url", "mysql://db/usage", "postgresql://"),
 ])
 def test_bad_value_gives_one_message_naming_the_setting(tmp_path, name, value, words):
     parts = name.split(".")

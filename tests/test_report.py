@@ -93,6 +93,13 @@ def test_grouped_csv_has_the_group_and_sum_columns():
     assert sorted(r[0] for r in rows[1:]) == ["response.completed", "wsrelay.drain_timeout"]
 
 
+def test_group_by_instance_sums_each_relay_process_apart():
+    records = [record(instance="relay-a:101"), record(instance="relay-b:202"), record(instance="relay-a:101"),
+               record(instance=None)]
+    rows = json.loads(format_records(records, "json", ("instance",)))
+    assert [(r["instance"], r["turns"]) for r in rows] == [("relay-a:101", 2), ("relay-b:202", 1), (None, 1)]
+
+
 def test_grouping_by_an_unknown_key_is_refused():
     with pytest.raises(ValueError, match="cannot group by colour"):
         format_records(RECORDS, "json", ("colour",))

@@ -2,6 +2,8 @@ import contextlib
 import json
 import os
 import sqlite3
+import subprocess
+import sys
 import time
 
 import gevent
@@ -9,7 +11,8 @@ import gevent.event
 import pytest
 from gevent.monkey import get_original
 
-from tests.helpers import wait_until
+from tests.helpers import REPO, wait_until
+from wsrelay.fallback import FallbackFile
 from wsrelay.store import UsageStore
 from wsrelay.trace import NullTracer
 from wsrelay.usage import UsageRecord
@@ -167,14 +170,15 @@ def test_database_and_its_directory_are_created_in_wal_mode(make_store, paths):
 
 def test_put_returns_immediately_and_the_hub_keeps_running_while_the_disk_is_slow(make_store):
     writing = []
+    store = make_store()
+    write = store.backend.write
 
-    class SlowStore(UsageStore):
-        def _write_rows(self, rows):
-            writing.append(True)
-            native_sleep(0.3)  # blocks the pool thread only
-            return super()._write_rows(rows)
+    def slow_write(records):
+        writing.append(True)
+        native_sleep(0.3)  # blocks the pool thread only
+        return write(records)
 
-    store = make_store(SlowStore)
+    store.backend.write = slow_write
     store.start()
     ticks = []
 
@@ -361,3 +365,47 @@ def test_flush_and_close_are_safe_without_start(paths):
     assert not store.flush(0.1)
     store.close(timeout=0.1)
     store.close(timeout=0.1)
+
+
+APPEND_ONE = """\
+import json, sys
+from wsrelay.fallback import FallbackFile
+FallbackFile(sys.argv[1]).append([json.loads(sys.argv[2])])
+"""
+
+
+def test_another_process_appending_during_an_import_waits_and_its_record_survives_the_truncation(paths):
+    _, fallback_path = paths
+    write_fallback(fallback_path, [rec(0)])
+    claim = FallbackFile(fallback_path).claim()
+    late = rec(1).to_dict()
+    other = subprocess.Popen([sys.executable, "-c", APPEND_ONE, fallback_path, json.dumps(late)], cwd=REPO)
+    try:
+        with pytest.raises(subprocess.TimeoutExpired):
+            other.wait(timeout=0.5)  # held by the lock while the import is between its read and its truncation
+        assert [r["record_id"] for r in claim.records] == [fallback_ids(fallback_path)[0]]
+        claim.clear()
+        claim.release()
+        assert other.wait(timeout=10) == 0
+    finally:
+        if other.poll() is None:
+            other.kill()
+    assert fallback_ids(fallback_path) == [late["record_id"]]
+
+
+def test_imports_back_off_while_the_database_stays_away_and_resume_at_once_after(make_store, paths, trace,
+                                                                                 tmp_path):
+    (tmp_path / "data" / "usage.db").mkdir(parents=True)  # a directory where the database should be
+    attempts = []
+    trace.tracer.listeners.append(
+        lambda stage, fields: attempts.append(time.monotonic()) if stage == "usage_store_retry_failed" else None)
+    store = make_store(retry_interval=0.02)
+    store.start()
+    store.put(rec(0))
+    assert store.flush(5.0)
+    wait_until(lambda: len(attempts) >= 6, timeout=10.0, what="six failed imports")
+    gaps = [b - a for a, b in zip(attempts, attempts[1:])]
+    assert gaps[-1] >= 4 * 0.02 and gaps[-1] > 2 * gaps[0], gaps
+    (tmp_path / "data" / "usage.db").rmdir()
+    trace.wait_for("usage_store_recovered", timeout=5.0)
+    assert store._import_wait == 0.02

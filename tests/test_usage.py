@@ -1,4 +1,5 @@
 import json
+import os
 
 import pytest
 
@@ -395,3 +396,26 @@ def test_close_records_a_turn_left_in_flight_so_it_is_never_lost():
     [record] = ledger.close()
     assert record.terminal_event == usage.RELAY_SESSION_CLOSED
     assert ledger.close() == []
+
+
+def test_every_record_names_the_process_that_relayed_it_as_host_and_pid():
+    ledger = TurnLedger("s1")
+    ledger.start_turn()
+    [settled] = ledger.on_event(terminal("response.completed"))
+    [abandoned] = (ledger.start_turn(), ledger.abandon(RELAY_UPSTREAM_LOST, True))[1]
+    expected = "%s:%d" % (os.uname().nodename, os.getpid())
+    assert settled.instance == abandoned.instance == usage.current_instance() == expected
+
+
+def test_a_forked_worker_names_itself_not_its_parent(monkeypatch):
+    parent = usage.current_instance()
+    monkeypatch.setattr(usage.os, "getpid", lambda: 424242)
+    assert usage.current_instance() == "%s:424242" % os.uname().nodename
+    assert UsageRecord().instance != parent
+
+
+def test_a_record_from_before_instances_were_kept_has_none():
+    older = UsageRecord.from_dict({"record_id": "r", "terminal_event": "response.completed"})
+    assert older.instance is None
+    assert UsageRecord.from_dict(UsageRecord(instance="h:1").to_dict()).instance == "h:1"
+    assert "instance" in usage.NULLABLE_FIELDS and "instance" in usage.REPORT_FIELDS

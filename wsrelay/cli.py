@@ -42,7 +42,7 @@ def serve(config_path, host, port, upstream):
     overrides = {"server.host": host, "server.port": port, "upstream.url": upstream}
     cfg = _load(config_path, overrides)
     tracer = Tracer(path=cfg.trace.path)
-    store = UsageStore(cfg.usage.sqlite_path, cfg.usage_fallback_path, trace=tracer)
+    store = UsageStore(cfg.usage_database, cfg.usage_fallback_path, trace=tracer)
     try:
         store.start()
     except Exception as exc:  # the relay still runs: records then wait in the fallback file
@@ -57,10 +57,12 @@ def serve(config_path, host, port, upstream):
 
 @main.command()
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML configuration file.")
-@click.option("--db", "db_path", type=click.Path(dir_okay=False), help="Usage database (default: usage.sqlite_path).")
+@click.option("--db", "db_path", type=click.Path(dir_okay=False),
+              help="Usage database: a SQLite file or a postgresql:// URL (default: usage.database_url, else "
+              "usage.sqlite_path).")
 @click.option("--since", help="Only turns started since: a duration (24h, 7d), a UTC date (2026-11-01) or epoch.")
 @click.option("--group-by", "group_by",
-              help="Sum per group instead of listing turns: key,model,day,event,account,transport.")
+              help="Sum per group instead of listing turns: key,model,day,event,account,transport,instance.")
 @click.option("--format", "fmt", type=click.Choice(["json", "table", "csv"]), default="table", show_default=True)
 def usage(config_path, db_path, since, group_by, fmt):
     """Print the recorded usage: one row per turn, or sums per group; tables end with a TOTAL row."""
@@ -77,9 +79,20 @@ def usage(config_path, db_path, since, group_by, fmt):
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--since")
     cfg = _load(config_path)
-    path = db_path or cfg.usage.sqlite_path
-    store = UsageStore(path, None if db_path else cfg.usage_fallback_path)
-    click.echo(format_records(store.query(since=since_epoch), fmt, groups), nl=False)
+    try:
+        store = UsageStore(db_path or cfg.usage_database, None if db_path else cfg.usage_fallback_path)
+    except ImportError:
+        click.echo("wsrelay: reading PostgreSQL needs psycopg: pip install 'wsrelay[postgres]'", err=True)
+        sys.exit(1)
+    try:
+        records = store.query(since=since_epoch)
+    except store.backend.errors as exc:
+        click.echo("wsrelay: cannot read the usage records from %s: %s"
+                   % (store.backend.describe(), store.backend.redact(exc)), err=True)
+        sys.exit(1)
+    finally:
+        store.close(timeout=5)
+    click.echo(format_records(records, fmt, groups), nl=False)
 
 
 @main.command("hash-key")

@@ -248,6 +248,11 @@ SETTINGS = (
             "Prefix of every key the relay writes in Redis: relays that must not share limits can share one "
             "Redis under different prefixes."),
     Setting("usage.sqlite_path", str, "./wsrelay-usage.db", "SQLite database the usage records go to."),
+    Setting("usage.database_url", str, None,
+            "PostgreSQL database the usage records go to instead of SQLite (one database for several workers or "
+            "hosts): postgresql://user@host:5432/dbname, any libpq URL. Keep a password in PGPASSWORD or "
+            "~/.pgpass rather than here (one here is never written to the trace). Needs the postgres extra.",
+            nullable=True),
     Setting("usage.fallback_path", str, None, "Append-only file that holds usage records while the database "
             "cannot be written; re-imported on recovery and at start. Default: <sqlite_path>.pending.jsonl.",
             nullable=True),
@@ -311,6 +316,11 @@ class Config:
         if self.upstream.http_base_url:
             return self.upstream.http_base_url.rstrip("/")
         return http_base_url(self.upstream.url)
+
+    @property
+    def usage_database(self):
+        """Where the usage records go: ``usage.database_url`` if set, else the SQLite file ``usage.sqlite_path``."""
+        return self.usage.database_url or self.usage.sqlite_path
 
     @property
     def usage_fallback_path(self):
@@ -407,6 +417,9 @@ def _cross_check(values):
     base = values["upstream.http_base_url"]
     if base and not (base.startswith("http://") or base.startswith("https://")):
         problems.append("upstream.http_base_url: must start with http:// or https://, got %r" % base)
+    from .dburl import problems as database_url_problems
+
+    problems.extend(database_url_problems(values["usage.database_url"]))
     for key in values["auth.keys"]:
         if key.startswith("sha256:"):
             digest = key[len("sha256:"):]

@@ -48,7 +48,7 @@ def _normalise(record):
 
 
 GROUP_KEYS = {"key": "key_id", "model": "model", "day": "day", "event": "terminal_event", "account": "account",
-              "transport": "transport"}
+              "transport": "transport", "instance": "instance"}
 GROUP_SUMS = ("turns",) + TOKEN_FIELDS + ("disconnected_turns",)
 
 

@@ -1,30 +1,44 @@
 """Usage persistence that never blocks the gevent hub and never loses a record.
 
-Records go through an unbounded queue to one writer greenlet, which writes them in batches to SQLite.  Every
-disk operation runs in a one-thread native pool, so a slow disk or a locked database stalls only the writer.
-When the database cannot be written, batches are appended (and fsynced) to a JSON-lines fallback file, which is
-imported back into the database as soon as it accepts writes again, and at the next start.
+Records go through an unbounded queue to one writer greenlet, which writes them in batches to a database
+backend: SQLite (:mod:`wsrelay.store_sqlite`, the embedded default) or PostgreSQL (:mod:`wsrelay.store_postgres`).
+A backend whose calls block (SQLite's disk) runs in a one-thread native pool, so a slow disk or a locked database
+stalls only the writer; a cooperative one (psycopg under gevent) waits on the hub, within its own timeouts.  When
+the database cannot be written, batches are appended (and fsynced) to a JSON-lines fallback file
+(:mod:`wsrelay.fallback`, always from the pool thread), which is imported back into the database as soon as it
+accepts writes again, and at the next start.  Inserts are idempotent on ``record_id``, so a batch written twice
+(an import cut short by a crash) is stored once.
+
+The store belongs to the process that starts it: create it before a fork if need be, start it after (each
+gunicorn worker starts its own).
 """
 
 import json
-import os
-import sqlite3
 import time
 
 import gevent
 import gevent.event
 import gevent.queue
-from gevent.monkey import get_original
 from gevent.threadpool import ThreadPool
 
+from wsrelay import dburl
+from wsrelay.fallback import FallbackFile
 from wsrelay.usage import UsageRecord
-from wsrelay.usage_table import BOOL_COLUMNS, COLUMNS, INSERT, SCHEMA, add_new_columns, as_row
-
-# The pool thread must be told apart from others by its real identity, even when threading is monkey-patched.
-_native_ident = get_original("_thread", "get_ident")
 
 _STOP = object()
-_STORE_ERRORS = (sqlite3.Error, OSError)
+
+
+def open_backend(target, busy_timeout=2.0):
+    """The backend for ``target``: a ``postgresql://`` URL, a SQLite path, or a backend object as it is."""
+    if not isinstance(target, str):
+        return target
+    if dburl.is_postgres(target):
+        from .store_postgres import PostgresBackend
+
+        return PostgresBackend(target)
+    from .store_sqlite import SQLiteBackend
+
+    return SQLiteBackend(target, busy_timeout=busy_timeout)
 
 
 def _capture(fn, args):
@@ -34,35 +48,24 @@ def _capture(fn, args):
         return False, exc
 
 
-def _fsync_dir(path):
-    try:
-        fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 class UsageStore:
     """Queue-fed, batch-writing usage store; every public method is called from greenlets of one hub."""
 
-    def __init__(self, sqlite_path, fallback_path=None, retry_interval=1.0, batch_size=256, trace=None,
+    def __init__(self, target, fallback_path=None, retry_interval=1.0, batch_size=None, trace=None,
                  busy_timeout=2.0):
-        self.sqlite_path = sqlite_path
-        self.fallback_path = fallback_path or sqlite_path + ".pending.jsonl"
+        """``target``: a SQLite path, a ``postgresql://`` URL or a backend (see :func:`open_backend`);
+        ``fallback_path`` defaults to ``<sqlite path>.pending.jsonl`` (a URL has no default: without one, records
+        the database refuses wait in memory); ``batch_size``, the most records written at once, defaults to the
+        backend's own."""
+        self.backend = open_backend(target, busy_timeout)
+        self.fallback = FallbackFile(fallback_path or self.backend.default_fallback_path())
+        self.fallback_path = self.fallback.path
         self.retry_interval = retry_interval
-        self.batch_size = max(1, int(batch_size))
-        self.busy_timeout = busy_timeout
+        self.batch_size = max(1, int(batch_size or self.backend.batch_size))
         self.failures = 0
         self._trace = trace
         self._queue = gevent.queue.Queue()
         self._pool = None
-        self._conn = None
-        self._conn_thread = None
         self._writer = None
         self._closed = False
         self._put_count = 0
@@ -72,6 +75,7 @@ class UsageStore:
         self._current = None  # the batch being written, so close() can still report it if the write hangs
         self._fallback_dirty = False
         self._last_import_attempt = 0.0
+        self._import_wait = retry_interval  # doubles while the database stays away, up to 16 retry intervals
 
     # -- greenlet side -------------------------------------------------------------------------------------
 
@@ -82,12 +86,16 @@ class UsageStore:
 
     def start(self):
         self._ensure_pool()
-        try:
-            self._call(self._open_db)
-        except _STORE_ERRORS as exc:
-            self._emit("usage_store_failed", error=type(exc).__name__, message=str(exc), count=0)
         self._fallback_dirty = True
-        self._try_import()
+        try:
+            self._db(self.backend.open)
+        except self.backend.errors as exc:
+            self._emit("usage_store_failed", error=type(exc).__name__, message=self._message(exc), count=0)
+            # The writer imports the fallback file later: trying now would hold the start up for a second connect
+            # timeout when the server does not answer.
+            self._last_import_attempt = time.monotonic()
+        else:
+            self._try_import()
         if self._writer is None:
             self._writer = gevent.spawn(self._run)
 
@@ -142,8 +150,8 @@ class UsageStore:
         self._unsaved, self._current = [], None
         if self._pool is not None:
             try:
-                self._call(self._close_db)
-            except _STORE_ERRORS:
+                self._db(self.backend.close)
+            except self.backend.errors:
                 pass
             self._pool.kill()
             self._pool = None
@@ -151,11 +159,19 @@ class UsageStore:
     def query(self, since=None):
         """Every record (database and fallback file) started at or after ``since``, ordered by start time."""
         self._ensure_pool()
-        return self._call(self._query, since)
+        rows = {d["record_id"]: d for d in self._db(self.backend.query, since)}
+        pending, _ = self._call(self.fallback.read)
+        for d in pending:
+            if since is None or d["started_at"] >= float(since):
+                rows.setdefault(d["record_id"], d)
+        return sorted(rows.values(), key=lambda d: (d["started_at"], d["record_id"]))
 
     def _ensure_pool(self):
         if self._pool is None:
             self._pool = ThreadPool(1)
+
+    def _message(self, exc):
+        return self.backend.redact(str(exc))  # a database URL's password must not reach the trace
 
     def _emit(self, stage, **fields):
         if self._trace is not None:
@@ -198,7 +214,8 @@ class UsageStore:
             try:
                 self._store_batch(batch)
             except Exception as exc:  # the writer must outlive any surprise, holding on to its batch
-                self._emit("usage_store_error", error=type(exc).__name__, message=str(exc), count=len(batch))
+                self._emit("usage_store_error", error=type(exc).__name__, message=self._message(exc),
+                           count=len(batch))
                 self._unsaved = batch + self._unsaved
             self._current = None
 
@@ -217,17 +234,17 @@ class UsageStore:
 
     def _store_in_db(self, batch):
         try:
-            self._call(self._write_rows, [as_row(d) for d in batch])
-        except _STORE_ERRORS as exc:
+            self._db(self.backend.write, batch)
+        except self.backend.errors as exc:
             self.failures += 1
-            self._emit("usage_store_failed", error=type(exc).__name__, message=str(exc), count=len(batch),
+            self._emit("usage_store_failed", error=type(exc).__name__, message=self._message(exc), count=len(batch),
                        failures=self.failures)
             return False
         return True
 
     def _store_in_fallback(self, batch):
         try:
-            self._call(self._append_fallback, batch)
+            self._call(self.fallback.append, batch)
         except OSError as exc:
             self._emit("usage_fallback_failed", error=type(exc).__name__, message=str(exc), count=len(batch),
                        path=self.fallback_path)
@@ -237,6 +254,12 @@ class UsageStore:
             self._last_import_attempt = time.monotonic()
         return True
 
+    def _db(self, fn, *args):
+        """Call the backend: on the hub if it is cooperative (it bounds its own waits), else in the pool thread."""
+        if self.backend.cooperative:
+            return fn(*args)
+        return self._call(fn, *args)
+
     def _call(self, fn, *args):
         """Run ``fn`` in the pool thread; its exception is re-raised here instead of printed by the pool."""
         ok, value = self._pool.apply(_capture, (fn, args))
@@ -245,18 +268,22 @@ class UsageStore:
         return value
 
     def _try_import(self):
-        """Move the fallback file into the database, at most once per retry interval."""
+        """Move the fallback file into the database, at most once per retry interval (backing off while it fails:
+        an attempt on an unreachable server holds the writer for the connect timeout, and the batches that come
+        meanwhile wait in memory)."""
         now = time.monotonic()
-        if not self._fallback_dirty or now - self._last_import_attempt < self.retry_interval:
+        if not self._fallback_dirty or now - self._last_import_attempt < self._import_wait:
             return
         self._last_import_attempt = now
         try:
-            imported, skipped = self._call(self._import_fallback)
-        except _STORE_ERRORS as exc:
-            self._emit("usage_store_retry_failed", error=type(exc).__name__, message=str(exc),
+            imported, skipped = self._import_fallback()
+        except self.backend.errors + (OSError,) as exc:
+            self._import_wait = min(self._import_wait * 2, self.retry_interval * 16)
+            self._emit("usage_store_retry_failed", error=type(exc).__name__, message=self._message(exc),
                        path=self.fallback_path)
             return
         self._fallback_dirty = False
+        self._import_wait = self.retry_interval
         for lineno, reason, text in skipped:
             # The raw text goes to the trace so a damaged record can still be recovered by hand.
             self._emit("usage_fallback_line_skipped", path=self.fallback_path, line=lineno, reason=reason,
@@ -264,118 +291,18 @@ class UsageStore:
         if imported:
             self._emit("usage_store_recovered", count=imported, skipped=len(skipped), path=self.fallback_path)
 
-    # -- pool-thread side: everything below touches the disk ------------------------------------------------
-
-    def _open_db(self):
-        if self._conn is not None and self._conn_thread == _native_ident():
-            return self._conn
-        self._close_db()
-        directory = os.path.dirname(os.path.abspath(self.sqlite_path))
-        os.makedirs(directory, exist_ok=True)
-        conn = sqlite3.connect(self.sqlite_path, timeout=self.busy_timeout, isolation_level=None)
-        try:
-            conn.execute("PRAGMA journal_mode=WAL")
-            # FULL: a committed batch survives power loss, not only a process crash.
-            conn.execute("PRAGMA synchronous=FULL")
-            conn.executescript(SCHEMA)
-            add_new_columns(conn)
-        except BaseException:
-            conn.close()
-            raise
-        self._conn, self._conn_thread = conn, _native_ident()
-        return conn
-
-    def _close_db(self):
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            try:
-                conn.close()
-            except sqlite3.Error:
-                pass
-
-    def _write_rows(self, rows):
-        try:
-            conn = self._open_db()
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                conn.executemany(INSERT, rows)
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
-        except _STORE_ERRORS:
-            # Reopen next time: the file may have been replaced, or the handle may be broken.
-            self._close_db()
-            raise
-
-    def _append_fallback(self, batch):
-        directory = os.path.dirname(os.path.abspath(self.fallback_path))
-        os.makedirs(directory, exist_ok=True)
-        data = "".join(json.dumps(d, separators=(",", ":")) + "\n" for d in batch).encode("utf-8")
-        with open(self.fallback_path, "ab+") as fh:
-            fh.seek(0, os.SEEK_END)
-            if fh.tell() > 0:
-                fh.seek(-1, os.SEEK_END)
-                if fh.read(1) != b"\n":
-                    # A torn line from a crash must not swallow the first record appended after it.
-                    data = b"\n" + data
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        _fsync_dir(self.fallback_path)
-
-    def _read_fallback(self):
-        """(records, skipped) from the fallback file; skipped lists (line number, reason, text)."""
-        try:
-            with open(self.fallback_path, "rb") as fh:
-                raw = fh.read()
-        except (FileNotFoundError, NotADirectoryError):
-            return [], []
-        records, skipped = [], []
-        lines = raw.split(b"\n")
-        for lineno, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            torn = lineno == len(lines)  # the last piece has no newline: a write cut short
-            try:
-                data = json.loads(line)
-                if not isinstance(data, dict):
-                    raise ValueError("not a JSON object")
-                records.append(UsageRecord.from_dict(data).to_dict())
-            except (ValueError, TypeError) as exc:
-                reason = "torn last line" if torn else "unreadable: %s" % exc
-                skipped.append((lineno, reason, line[:4096].decode("utf-8", "replace")))
-        return records, skipped
-
     def _import_fallback(self):
-        records, skipped = self._read_fallback()
-        if records:
-            self._write_rows([as_row(d) for d in records])
-        if records or skipped:
-            # Only after the commit: a crash before this point re-imports, and INSERT OR IGNORE dedups.
-            with open(self.fallback_path, "r+b") as fh:
-                fh.truncate(0)
-                fh.flush()
-                os.fsync(fh.fileno())
-        return len(records), skipped
+        """Write the fallback file's records to the database, then empty it: (records imported, lines skipped).
 
-    def _query(self, since):
-        rows = {}
-        if self._conn is not None or os.path.exists(self.sqlite_path):
-            conn = self._open_db()
-            sql = "SELECT %s FROM usage" % ", ".join(COLUMNS)
-            args = ()
-            if since is not None:
-                sql += " WHERE started_at >= ?"
-                args = (float(since),)
-            for values in conn.execute(sql, args):
-                d = dict(zip(COLUMNS, values))
-                for name in BOOL_COLUMNS:
-                    d[name] = bool(d[name])
-                rows[d["record_id"]] = d
-        pending, _ = self._read_fallback()
-        for d in pending:
-            if since is None or d["started_at"] >= float(since):
-                rows.setdefault(d["record_id"], d)
-        return sorted(rows.values(), key=lambda d: (d["started_at"], d["record_id"]))
+        The file stays locked throughout, so no other process's append is lost to the truncation.  Only after the
+        last commit is it emptied: a crash before that imports it again, and the idempotent inserts dedup.
+        """
+        claim = self._call(self.fallback.claim)
+        try:
+            records = claim.records
+            for i in range(0, len(records), self.batch_size):
+                self._db(self.backend.write, records[i:i + self.batch_size])
+            self._call(claim.clear)
+        finally:
+            claim.release()
+        return len(claim.records), claim.skipped

@@ -7,6 +7,7 @@ Pure bookkeeping: no sockets, no gevent.  The relay feeds it the client's ``resp
 
 import json
 import math
+import os
 import time
 import uuid
 from dataclasses import asdict, dataclass, field, fields
@@ -153,6 +154,23 @@ def _new_id():
     return uuid.uuid4().hex
 
 
+_instance = (None, None)  # (pid, its name): the host name is read once per process
+
+
+def current_instance():
+    """This process as its records name it: ``host:pid``.  A forked worker names itself, not its parent."""
+    global _instance
+    pid = os.getpid()
+    cached = _instance
+    if cached[0] != pid:
+        cached = _instance = (pid, "%s:%d" % (os.uname().nodename, pid))
+    return cached[1]
+
+
+def _nullable(f):
+    return f.default is None or f.metadata.get("nullable", False)
+
+
 @dataclass
 class UsageRecord:
     record_id: str = field(default_factory=_new_id)
@@ -173,6 +191,8 @@ class UsageRecord:
     transport: str = "websocket"  # how the client reached the relay: "websocket" or "http"
     account: str = None  # the upstream account that served it
     resumed: bool = False
+    # The relay process that wrote it; None for a record from before wsrelay kept it.
+    instance: str = field(default_factory=current_instance, metadata={"nullable": True})
 
     def to_dict(self):
         return asdict(self)
@@ -193,7 +213,7 @@ class UsageRecord:
                     values[f.name] = float(value or 0.0)
                 except (TypeError, ValueError):
                     values[f.name] = 0.0
-            elif f.default is None:
+            elif _nullable(f):
                 values[f.name] = None if value is None else str(value)
             else:
                 values[f.name] = str(value) if value else f.default  # (an older record lacks newer fields)
@@ -205,7 +225,7 @@ class UsageRecord:
 # usage_recorded trace line and the token metrics all derive from them.
 FIELD_TYPES = {f.name: f.type for f in fields(UsageRecord)}
 RECORD_FIELDS = tuple(FIELD_TYPES)
-NULLABLE_FIELDS = frozenset(f.name for f in fields(UsageRecord) if f.default is None)
+NULLABLE_FIELDS = frozenset(f.name for f in fields(UsageRecord) if _nullable(f))
 TOKEN_FIELDS = tuple(name for name in RECORD_FIELDS if name.endswith("_tokens"))
 # What a person reads of a record (``wsrelay usage``, the trace): all but the relay's own identifiers.
 REPORT_FIELDS = tuple(name for name in RECORD_FIELDS if name not in ("record_id", "session_id"))

@@ -22,7 +22,7 @@ def create_app(path=None):
     yet (a forking server starts it in each worker: see :mod:`wsrelay.gunicorn`)."""
     config = config_mod.load(path or os.environ.get("WSRELAY_CONFIG") or None)
     tracer = Tracer(path=config.trace.path)
-    store = UsageStore(config.usage.sqlite_path, config.usage_fallback_path, trace=tracer)
+    store = UsageStore(config.usage_database, config.usage_fallback_path, trace=tracer)
     return RelayApp(config, tracer, store)
 
 

@@ -109,6 +109,7 @@ class Stack:
         self.upstream_clock = None   # the upstream's wall clock minus CLOCK_MONOTONIC (ms)
         self.wsrelay_settings = self._known_settings()
         self.wsrelay_ping = None
+        self.wsrelay_extra = {}      # settings added to every start (bench/usage-pg: usage.database_url)
 
     def _known_settings(self):
         out = subprocess.run(self.wsrelay_cmd + ["check-config", "--print-defaults"],
@@ -164,6 +165,7 @@ class Stack:
             ws + "passthrough_downstream_ping_interval_seconds": ping_interval,
             ws + "passthrough_downstream_ping_timeout_seconds": ping_timeout,
         }
+        settings.update(self.wsrelay_extra)
         # Settings the relay may or may not have (the code moves): the bench's traffic is not Codex turns
         # (no response.create), and it holds thousands of sessions under one (absent) credential.
         optional = {

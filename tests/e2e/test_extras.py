@@ -6,7 +6,8 @@ copy of the repository with that extra only, and then, with the venv's own execu
 outside the repository (so nothing is imported from the checkout), runs a real session on 127.0.0.1: the venv's
 ``wsrelay fake-upstream``, the relay the install is for (the redis extra's with its per-key lease in a private
 redis-server), one client turn through the venv's websocket-client, the relay stopped with SIGTERM, and the
-turn's record read back with the venv's ``wsrelay usage --format json``.
+turn's record read back with the venv's ``wsrelay usage --format json``. With the ``postgres`` extra the record
+goes to a private PostgreSQL server (``usage.database_url``) and is read back from there.
 
 A dependency that an install needs but does not declare fails here, not on a user's machine: the suite itself
 runs in a venv with the test extras, which pull in more than any install declares (pytest brings ``packaging``).
@@ -87,7 +88,7 @@ def redis_relay(venv, config, port):
 
 # How to run a relay with each install: ``(venv, config, port) -> (argv, extra environment)``.  A new extra in
 # setup.cfg fails its case until it is given one here.
-RELAYS = {BASE: serve_relay, "gunicorn": gunicorn_relay, "redis": redis_relay}
+RELAYS = {BASE: serve_relay, "gunicorn": gunicorn_relay, "redis": redis_relay, "postgres": serve_relay}
 
 
 def redis_settings(request):
@@ -116,6 +117,17 @@ def redis_settings(request):
 # Settings an install's relay needs besides the common ones, and what to check once its turn is done:
 # ``request -> (settings, check(relay_process))``.
 SETTINGS = {"redis": redis_settings}
+
+
+def usage_settings(extra, request, tmp_path):
+    """The ``usage`` section of each install's configuration: SQLite, or for the postgres extra a database of its
+    own on the private PostgreSQL server (then also returned, to be read back directly)."""
+    settings = {"sqlite_path": str(tmp_path / "usage.db"), "fallback_path": str(tmp_path / "pending.jsonl")}
+    if extra != "postgres":
+        return settings, None
+    postgres = request.getfixturevalue("postgres")
+    settings["database_url"] = postgres[1]
+    return settings, postgres
 
 
 def executable(venv, name):
@@ -255,12 +267,12 @@ def test_install_serves_a_turn_from_a_clean_venv(extra, source, processes, tmp_p
     relay_port = free_port()  # now that the upstream holds its port, never the same one
 
     config = tmp_path / "wsrelay.yaml"
-    db = tmp_path / "usage.db"
     settings, check = SETTINGS[extra](request) if extra in SETTINGS else ({}, None)
+    usage_section, postgres = usage_settings(extra, request, tmp_path)
     config.write_text(json.dumps(dict({  # JSON is YAML
         "server": {"host": "127.0.0.1", "shutdown_grace_seconds": 2},  # the port is each relay's flag
         "upstream": {"url": "ws://127.0.0.1:%d/v1/responses" % upstream_port},
-        "usage": {"sqlite_path": str(db)},
+        "usage": usage_section,
     }, **settings)))
     argv, relay_env = RELAYS[extra](venv, str(config), relay_port)
     relay = processes(argv, str(work), dict(env, **relay_env), str(tmp_path / "relay.log"))
@@ -283,4 +295,9 @@ def test_install_serves_a_turn_from_a_clean_venv(extra, source, processes, tmp_p
     usage = completed["response"]["usage"]
     assert (records[0]["input_tokens"], records[0]["output_tokens"], records[0]["total_tokens"]) == \
         (usage["input_tokens"], usage["output_tokens"], usage["total_tokens"]), records
+    if postgres is not None:
+        server, url = postgres
+        stored = server.execute(url.rsplit("/", 1)[1], "SELECT response_id FROM usage")
+        assert stored == [(completed["response"]["id"],)], stored
+        assert not os.path.exists(usage_section["fallback_path"]) and not os.path.exists(usage_section["sqlite_path"])
     assert upstream.stop() == 0, upstream.output()
