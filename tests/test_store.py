@@ -361,3 +361,24 @@ def test_flush_and_close_are_safe_without_start(paths):
     assert not store.flush(0.1)
     store.close(timeout=0.1)
     store.close(timeout=0.1)
+
+
+def test_a_batch_another_worker_appends_while_the_fallback_is_imported_is_kept(make_store, paths):
+    db_path, fallback_path = paths
+    write_fallback(fallback_path, [rec(1)])
+
+    class SlowDatabase(UsageStore):
+        def _write_rows(self, rows):
+            native_sleep(0.3)  # the import has read the file and is still writing it to the database
+            super()._write_rows(rows)
+
+    importer = make_store(SlowDatabase)
+    other_worker = make_store()  # its own descriptor for the file, as another process has
+    importing = gevent.spawn(importer.start)
+    gevent.sleep(0.1)
+    other_worker._ensure_pool()
+    appended = rec(2)
+    other_worker._call(other_worker._append_fallback, [appended.to_dict()])  # waits for the import to end
+    importing.get(timeout=5)
+    assert sorted(d["response_id"] for d in UsageStore(db_path, fallback_path).query()) == ["resp_1", "resp_2"]
+    assert fallback_ids(fallback_path) == [appended.record_id]  # appended after the import emptied the file

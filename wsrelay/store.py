@@ -4,8 +4,13 @@ Records go through an unbounded queue to one writer greenlet, which writes them 
 disk operation runs in a one-thread native pool, so a slow disk or a locked database stalls only the writer.
 When the database cannot be written, batches are appended (and fsynced) to a JSON-lines fallback file, which is
 imported back into the database as soon as it accepts writes again, and at the next start.
+
+Several processes (``wsrelay serve --workers``) may share one database and one fallback file: SQLite's WAL and
+busy timeout serialise their batches, record ids are random (a record is inserted once wherever it comes from),
+and the fallback file is locked (``flock``) while a batch is appended or the file is imported and emptied.
 """
 
+import fcntl
 import json
 import os
 import sqlite3
@@ -314,6 +319,7 @@ class UsageStore:
         os.makedirs(directory, exist_ok=True)
         data = "".join(json.dumps(d, separators=(",", ":")) + "\n" for d in batch).encode("utf-8")
         with open(self.fallback_path, "ab+") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)  # not in the middle of another process's import (see below)
             fh.seek(0, os.SEEK_END)
             if fh.tell() > 0:
                 fh.seek(-1, os.SEEK_END)
@@ -329,32 +335,23 @@ class UsageStore:
         """(records, skipped) from the fallback file; skipped lists (line number, reason, text)."""
         try:
             with open(self.fallback_path, "rb") as fh:
-                raw = fh.read()
+                return _parse_fallback(fh.read())
         except (FileNotFoundError, NotADirectoryError):
             return [], []
-        records, skipped = [], []
-        lines = raw.split(b"\n")
-        for lineno, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            torn = lineno == len(lines)  # the last piece has no newline: a write cut short
-            try:
-                data = json.loads(line)
-                if not isinstance(data, dict):
-                    raise ValueError("not a JSON object")
-                records.append(UsageRecord.from_dict(data).to_dict())
-            except (ValueError, TypeError) as exc:
-                reason = "torn last line" if torn else "unreadable: %s" % exc
-                skipped.append((lineno, reason, line[:4096].decode("utf-8", "replace")))
-        return records, skipped
 
     def _import_fallback(self):
-        records, skipped = self._read_fallback()
-        if records:
-            self._write_rows([as_row(d) for d in records])
-        if records or skipped:
-            # Only after the commit: a crash before this point re-imports, and INSERT OR IGNORE dedups.
-            with open(self.fallback_path, "r+b") as fh:
+        try:
+            fh = open(self.fallback_path, "r+b")
+        except (FileNotFoundError, NotADirectoryError):
+            return 0, []
+        with fh:
+            # Held from the read to the truncation: a batch another process appended in between would be lost.
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            records, skipped = _parse_fallback(fh.read())
+            if records:
+                self._write_rows([as_row(d) for d in records])
+            if records or skipped:
+                # Only after the commit: a crash before this point re-imports, and INSERT OR IGNORE dedups.
                 fh.truncate(0)
                 fh.flush()
                 os.fsync(fh.fileno())
@@ -379,3 +376,22 @@ class UsageStore:
             if since is None or d["started_at"] >= float(since):
                 rows.setdefault(d["record_id"], d)
         return sorted(rows.values(), key=lambda d: (d["started_at"], d["record_id"]))
+
+
+def _parse_fallback(raw):
+    """(records, skipped) from the fallback file's bytes; skipped lists (line number, reason, text)."""
+    records, skipped = [], []
+    lines = raw.split(b"\n")
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        torn = lineno == len(lines)  # the last piece has no newline: a write cut short
+        try:
+            data = json.loads(line)
+            if not isinstance(data, dict):
+                raise ValueError("not a JSON object")
+            records.append(UsageRecord.from_dict(data).to_dict())
+        except (ValueError, TypeError) as exc:
+            reason = "torn last line" if torn else "unreadable: %s" % exc
+            skipped.append((lineno, reason, line[:4096].decode("utf-8", "replace")))
+    return records, skipped
