@@ -330,12 +330,14 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 class Served:
     """A ``wsrelay serve`` process; its standard error is collected as it comes.  ``preexec_fn`` runs in the
-    child before the relay starts (e.g. to lower its open-file limit)."""
+    child before the relay starts (e.g. to lower its open-file limit).  A relay with workers runs in a process
+    group of its own, all killed at teardown."""
 
     def __init__(self, *args, env=None, preexec_fn=None):
+        self.group = "--workers" in args
         self.proc = subprocess.Popen([sys.executable, "-m", "wsrelay", "serve"] + [str(a) for a in args],
                                      cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                                     preexec_fn=preexec_fn)
+                                     preexec_fn=preexec_fn, start_new_session=self.group)
         self.lines = []
         self.reader = gevent.spawn(self._read)
 
@@ -376,6 +378,11 @@ class Served:
         return code
 
     def kill(self):
+        if self.group:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)  # the workers too, whatever became of the arbiter
+            except ProcessLookupError:
+                pass
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
