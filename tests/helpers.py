@@ -15,6 +15,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -323,6 +324,23 @@ def connect(url, headers=(), extra=b""):
     peer = FrameSocket(sock, rest, client=True)
     peer.response_headers = response_headers
     return peer
+
+
+def tls_connect(url, cafile):
+    """A raw client over TLS: the handshake by hand, then FrameSocket over the TLS socket."""
+    hostport, _, path = url[len("wss://"):].partition("/")
+    host, _, port = hostport.partition(":")
+    context = ssl.create_default_context(cafile=cafile)
+    sock = context.wrap_socket(socket.create_connection((host, int(port)), timeout=10), server_hostname=host)
+    key = "dGhlIHNhbXBsZSBub25jZQ=="
+    sock.sendall(("GET /%s HTTP/1.1\r\nHost: %s\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                  "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: %s\r\n\r\n" % (path, hostport, key)).encode())
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += sock.recv(4096)
+    head, _, rest = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 101"), head
+    return FrameSocket(sock, rest, client=True)
 
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

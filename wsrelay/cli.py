@@ -69,6 +69,10 @@ def _serve_workers(cfg, read_config):
         click.echo("wsrelay: %d workers need the gunicorn extra: pip install 'wsrelay[gunicorn]' (%s)"
                    % (cfg.server.workers, exc), err=True)
         return 2
+    problem = workers.tls_problem(cfg)
+    if problem:
+        click.echo("wsrelay: %s" % problem, err=True)
+        return 1
     from .trace import Tracer
 
     return workers.serve(cfg, read_config, Tracer(path=cfg.trace.path, immediate=True))

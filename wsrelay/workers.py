@@ -25,6 +25,7 @@ it, stop the old ones as on TERM.  TTIN/TTOU add or remove a worker (gunicorn's)
 import math
 import os
 import shutil
+import ssl
 import tempfile
 import time
 
@@ -49,6 +50,19 @@ def graceful_timeout(config):
     drain = max(ws.upstream_drain_timeout_seconds, config.gateway.openai_http.upstream_drain_timeout_seconds)
     settle = config.upstream.connect_timeout_seconds + drain + 2 * ws.close_timeout_seconds + 1
     return config.server.shutdown_grace_seconds + settle + STORE_FLUSH_SECONDS
+
+
+def tls_problem(config):
+    """Why ``server.tls_cert``/``server.tls_key`` cannot be loaded, or None: checked before the first fork, since
+    a worker failing on it after booting would be replaced, and fail again, for ever."""
+    if not config.server.tls_cert:
+        return None
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(config.server.tls_cert,
+                                                                             config.server.tls_key)
+    except (ssl.SSLError, OSError) as exc:
+        return "cannot load server.tls_cert and server.tls_key: %s" % exc
+    return None
 
 
 def _address(host, port):

@@ -14,7 +14,8 @@ import tempfile
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.helpers import CREATE, connect, free_port, raw_request, read_close, read_until_marker, wait_until
+from tests.helpers import (CREATE, connect, free_port, raw_request, read_close, read_until_marker, tls_connect,
+                           wait_until)
 from wsrelay.frames import OP_TEXT
 from wsrelay.store import UsageStore
 from wsrelay.trace import parse_line
@@ -265,10 +266,19 @@ def test_int_stops_every_worker_without_grace_and_still_bills_the_turns(fake, wo
     assert len(rows) == 4 and all(r["terminal_event"] == "response.completed" for r in rows)
 
 
-def test_metrics_listen_serves_only_the_ops_routes_from_every_worker(fake, workers):
+def test_workers_serve_wss_and_the_metrics_listener_serves_only_the_ops_routes_in_plain_http(fake, workers,
+                                                                                            certificate):
+    cert, key = certificate
     _, up_url = fake()
     ops_port = free_port()
-    served, url, db = workers(up_url, "server.metrics_listen: 127.0.0.1:%d\n" % ops_port)
+    served, url, db = workers(up_url, "server.metrics_listen: 127.0.0.1:%d\nserver.tls_cert: %s\n"
+                              "server.tls_key: %s\n" % (ops_port, json.dumps(cert), json.dumps(key)))
+    for _ in range(4):
+        client = tls_connect(url.replace("ws://", "wss://"), cert)
+        client.send(OP_TEXT, CREATE)
+        read_until_marker(client, b'"response.completed"')
+        client.close(1000)
+        read_close(client)
     conn = http.client.HTTPConnection("127.0.0.1", ops_port, timeout=5)
     conn.request("GET", "/metrics")
     response = conn.getresponse()
@@ -277,3 +287,15 @@ def test_metrics_listen_serves_only_the_ops_routes_from_every_worker(fake, worke
     assert conn.getresponse().status == 404
     conn.close()
     assert served.terminate(timeout=20) == 0
+    assert len(UsageStore(db).query()) == 4
+
+
+def test_a_certificate_that_cannot_be_loaded_is_refused_before_any_worker_starts(fake, workers, tmp_path):
+    _, up_url = fake()
+    bad = tmp_path / "bad.pem"
+    bad.write_text("not a certificate\n")
+    served, url, db = workers(up_url, "server.tls_cert: %s\nserver.tls_key: %s\n" % (bad, bad), wait=False)
+    assert served.proc.wait(timeout=20) == 1
+    served.reader.join(timeout=2)
+    assert "wsrelay: cannot load server.tls_cert and server.tls_key" in served.stderr()
+    assert not worker_pids(served)
