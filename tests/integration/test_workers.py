@@ -11,6 +11,7 @@ import socket
 import struct
 import tempfile
 
+import gevent
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -90,33 +91,72 @@ def scrape_each_worker(url, pids):
     raise AssertionError("no scrape reached every worker: %s of %s" % (sorted(seen), sorted(pids)))
 
 
-def start_turns(url, count, headers=()):
-    clients = []
-    for _ in range(count):
-        client = connect(url, headers)
+def start_turns(url, count, served=None):
+    """``count`` WebSocket turns in flight (each read up to its first delta), started together.  With ``served``,
+    more (four at a time, 48 at most) until both workers hold some: the kernel hands each connection to whichever
+    worker accepts first, so a few may all land in one."""
+
+    def one():
+        client = connect(url)
         client.send(OP_TEXT, CREATE)
-        read_until_marker(client, b"delta")
-        clients.append(client)
-    return clients
+        read_until_marker(client, b"delta", timeout=10)
+        return client
+
+    clients = []
+    while True:
+        jobs = [gevent.spawn(one) for _ in range(count)]
+        gevent.joinall(jobs, raise_error=True)
+        clients += [job.value for job in jobs]
+        if served is None:
+            return clients
+        wait_until(lambda: len(lines(served, "relay_start")) == len(clients), what="every session traced")
+        if len(session_workers(served)) == 2 or len(clients) >= 48:
+            return clients
+        count = 4
+
+
+def session_workers(served):
+    """The workers that started sessions."""
+    return {int(fields["worker"]) for fields in lines(served, "relay_start")}
+
+
+def start_streams(url, count):
+    """``count`` HTTP transport turns (event streams), each read up to its first events."""
+    streams = []
+    for _ in range(count):
+        conn = http.client.HTTPConnection(http_base(url), timeout=10)
+        conn.request("POST", "/v1/responses", json.dumps({"model": "gpt-test", "input": "hi", "stream": True}),
+                     {"Content-Type": "application/json"})
+        response = conn.getresponse()
+        assert response.status == 200 and b"response.created" in response.read1(65536)
+        streams.append((conn, response))
+    return streams
 
 
 def test_sessions_spread_over_both_workers_and_sigterm_loses_no_usage_record(fake, workers):
     _, up_url = fake(silence=4)
     served, url, db = workers(up_url, "server.shutdown_grace_seconds: 0.5\n")
-    clients = start_turns(url, 12)  # every turn in flight: the upstream is silent for 4 s
-    wait_until(lambda: len(lines(served, "relay_start")) == 12, what="12 sessions traced")
+    clients = start_turns(url, 12, served)  # every turn in flight: the upstream is silent for 4 s
+    streams = start_streams(url, 4)  # and turns on the HTTP transport
     served_by = {fields["session"]: int(fields["worker"]) for fields in lines(served, "relay_start")}
-    assert len(set(served_by.values())) == 2, "all 12 sessions went to one worker"
+    assert len(set(served_by.values())) == 2, "all %d sessions went to one worker" % len(clients)
+    turns = len(clients) + len(streams)
     served.proc.send_signal(signal.SIGTERM)
     for client in clients:  # past the grace each client gets 1001 and its turn is drained
         assert read_close(client, timeout=10) == (1001, "server shutting down")
+    for conn, response in streams:  # each stream is cut (its chunked body unfinished), and its turn drained
+        with pytest.raises(http.client.IncompleteRead):
+            while response.read1(65536):
+                pass
+        conn.close()
     assert served.proc.wait(timeout=30) == 0
     rows = UsageStore(db).query()
-    assert len(rows) == 12 and len({r["record_id"] for r in rows}) == 12
-    assert {r["session_id"] for r in rows} == set(served_by)
+    assert len(rows) == turns and len({r["record_id"] for r in rows}) == turns
+    assert {r["session_id"] for r in rows if r["transport"] == "websocket"} == set(served_by)
+    assert sum(r["transport"] == "http" for r in rows) == 4
     assert all(r["terminal_event"] == "response.completed" for r in rows)
     recorded = lines(served, "usage_recorded")
-    assert len(recorded) == 12 and {int(f["worker"]) for f in recorded} == set(served_by.values())
+    assert len(recorded) == turns and {int(f["worker"]) for f in recorded} == set(served_by.values())
     assert not lines(served, "usage_records_unsaved")
     assert arbiter_lines(served, "server_stopped")[-1]["status"] == "0"
 
@@ -124,30 +164,31 @@ def test_sessions_spread_over_both_workers_and_sigterm_loses_no_usage_record(fak
 def test_metrics_from_either_worker_show_the_sum_over_all_workers(fake, workers):
     _, up_url = fake(silence=1.5)
     served, url, db = workers(up_url)
-    clients = start_turns(url, 8)  # live sessions on both workers
+    clients = start_turns(url, 8, served)  # live sessions on both workers
     pids = live_workers(served)
-    assert len({int(f["worker"]) for f in lines(served, "relay_start")}) == 2
+    assert session_workers(served) == pids
+    n = len(clients)
 
     def every_worker_shows(name, labels, value):
         views = scrape_each_worker(url, pids)
         return all(view.get((name, labels)) == value for view in views.values())
 
     # Live values are written by each worker every second: wait for them.
-    wait_until(lambda: every_worker_shows("wsrelay_sessions", (), 8), timeout=10, what="8 sessions in each view")
-    assert every_worker_shows("wsrelay_handshakes_total", (("status", "101"),), 8)
-    assert every_worker_shows("wsrelay_upstream_dial_seconds_count", (), 8)
+    wait_until(lambda: every_worker_shows("wsrelay_sessions", (), n), timeout=10, what="n sessions in each view")
+    assert every_worker_shows("wsrelay_handshakes_total", (("status", "101"),), n)
+    assert every_worker_shows("wsrelay_upstream_dial_seconds_count", (), n)
     for client in clients:
         read_until_marker(client, b'"response.completed"')
         client.close(1000)
         read_close(client)
-    wait_until(lambda: len(UsageStore(db).query()) == 8, timeout=10, what="8 records")
-    assert every_worker_shows("wsrelay_turns_total", (("terminal_event", "response.completed"),), 8)
-    assert every_worker_shows("wsrelay_usage_tokens_total", (("kind", "input_tokens"), ("model", "gpt-test")), 960)
+    wait_until(lambda: len(UsageStore(db).query()) == n, timeout=10, what="a record per turn")
+    assert every_worker_shows("wsrelay_turns_total", (("terminal_event", "response.completed"),), n)
+    assert every_worker_shows("wsrelay_usage_tokens_total", (("kind", "input_tokens"), ("model", "gpt-test")), 120 * n)
     wait_until(lambda: every_worker_shows("wsrelay_sessions", (), 0), timeout=10, what="0 sessions in each view")
     views = scrape_each_worker(url, pids)
     relayed = {view[("wsrelay_relayed_bytes_total", (("direction", "client_to_upstream"),))]
                for view in views.values()}
-    assert relayed == {8 * (len(CREATE) + 6 + 8)}  # each request frame, and each client's close frame (1000)
+    assert relayed == {n * (len(CREATE) + 6 + 8)}  # each request frame, and each client's close frame (1000)
     assert served.terminate(timeout=20) == 0
 
 
