@@ -7,6 +7,7 @@ from wsrelay._gevent import patch
 patch()  # before the tests' own imports of socket, ssl and threading
 
 import uuid  # noqa: E402
+import subprocess  # noqa: E402
 
 import pytest  # noqa: E402
 
@@ -106,6 +107,17 @@ def serve():
     yield start
     for served in started:
         served.kill()
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory):
+    """A self-signed certificate for 127.0.0.1 made with the openssl command line: ``(cert, key)`` paths."""
+    directory = tmp_path_factory.mktemp("tls")
+    cert, key = str(directory / "cert.pem"), str(directory / "key.pem")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", key, "-out", cert],
+                   check=True, capture_output=True)
+    return cert, key
 
 
 @pytest.fixture(scope="module")

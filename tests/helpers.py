@@ -15,6 +15,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -325,17 +326,36 @@ def connect(url, headers=(), extra=b""):
     return peer
 
 
+def tls_connect(url, cafile):
+    """A raw client over TLS: the handshake by hand, then FrameSocket over the TLS socket."""
+    hostport, _, path = url[len("wss://"):].partition("/")
+    host, _, port = hostport.partition(":")
+    context = ssl.create_default_context(cafile=cafile)
+    sock = context.wrap_socket(socket.create_connection((host, int(port)), timeout=10), server_hostname=host)
+    key = "dGhlIHNhbXBsZSBub25jZQ=="
+    sock.sendall(("GET /%s HTTP/1.1\r\nHost: %s\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                  "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: %s\r\n\r\n" % (path, hostport, key)).encode())
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += sock.recv(4096)
+    head, _, rest = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 101"), head
+    return FrameSocket(sock, rest, client=True)
+
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class Served:
     """A ``wsrelay serve`` process; its standard error is collected as it comes.  ``preexec_fn`` runs in the
-    child before the relay starts (e.g. to lower its open-file limit)."""
+    child before the relay starts (e.g. to lower its open-file limit).  A relay with workers runs in a process
+    group of its own, all killed at teardown."""
 
     def __init__(self, *args, env=None, preexec_fn=None):
+        self.group = "--workers" in args
         self.proc = subprocess.Popen([sys.executable, "-m", "wsrelay", "serve"] + [str(a) for a in args],
                                      cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                                     preexec_fn=preexec_fn)
+                                     preexec_fn=preexec_fn, start_new_session=self.group)
         self.lines = []
         self.reader = gevent.spawn(self._read)
 
@@ -376,6 +396,11 @@ class Served:
         return code
 
     def kill(self):
+        if self.group:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)  # the workers too, whatever became of the arbiter
+            except ProcessLookupError:
+                pass
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()

@@ -278,6 +278,29 @@ def test_serve_on_a_busy_port_exits_with_a_clear_message(tmp_path):
     assert "cannot listen" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_serve_with_workers_but_no_gunicorn_says_which_extra_to_install(tmp_path):
+    # gunicorn made unimportable in this process only, as in an install without the gunicorn extra.
+    code = "import sys; sys.modules['gunicorn'] = None; from wsrelay.cli import main; main(prog_name='wsrelay')"
+    result = subprocess.run([sys.executable, "-c", code, "serve", "--config", good_config(tmp_path), "--workers", "2"],
+                            cwd=REPO, capture_output=True, text=True, timeout=20)
+    assert result.returncode == 2
+    assert "wsrelay: 2 workers need the gunicorn extra: pip install 'wsrelay[gunicorn]'" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_serve_with_workers_on_a_busy_port_exits_with_gunicorns_message(tmp_path):
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen(1)
+    try:  # (gunicorn tries five times, a second apart)
+        result = run("serve", "--config", good_config(tmp_path), "--port", busy.getsockname()[1], "--workers", 2)
+    finally:
+        busy.close()
+    assert result.returncode == 1
+    assert "Connection in use" in result.stderr and "Traceback" not in result.stderr
+    assert "stage=server_stopped status=1" in result.stderr
+
+
 def run_turn(url):
     """One response.create over a websocket-client connection; returns the terminal event."""
     ws = websocket.create_connection(url, timeout=10)

@@ -69,3 +69,24 @@ def test_a_broken_stream_never_raises():
     tracer.emit("x")
     tracer.flush()
     gevent.sleep(0)
+
+
+def test_context_fields_follow_the_stage_on_every_line_and_listeners_get_the_fields_alone():
+    stream = CountingStream()
+    tracer = trace.Tracer(stream=stream, context={"worker": 4242}, immediate=True)
+    heard = []
+    tracer.listeners.append(lambda stage, fields: heard.append(fields))
+    tracer.emit("dial_ok", key_id="k1")
+    tracer.emit("server_listening", worker=4242)  # a field named like the context's is written once
+    assert [line.split(" ", 1)[1] for line in "".join(stream.writes).splitlines()] == [
+        "stage=dial_ok worker=4242 key_id=k1", "stage=server_listening worker=4242"]
+    assert heard == [{"key_id": "k1"}, {"worker": 4242}]
+
+
+def test_an_immediate_tracer_writes_each_line_without_a_running_loop():
+    stream = CountingStream()
+    tracer = trace.Tracer(stream=stream, immediate=True)  # (gunicorn's arbiter runs no gevent loop)
+    tracer.emit("a")
+    assert len(stream.writes) == 1
+    tracer.emit("b")
+    assert len(stream.writes) == 2

@@ -1,16 +1,13 @@
 """``wsrelay`` command line: serve, usage, check-config, fake-upstream."""
 
+import sys
+
+import click
+
+import wsrelay
+
+from . import config as config_mod
 from ._gevent import patch
-
-patch()  # first: everything below, and every server it starts, runs on gevent
-
-import sys  # noqa: E402
-
-import click  # noqa: E402
-
-import wsrelay  # noqa: E402
-
-from . import config as config_mod  # noqa: E402
 
 
 def _load(path, overrides=None):
@@ -24,8 +21,11 @@ def _load(path, overrides=None):
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(wsrelay.__version__, prog_name="wsrelay")
-def main():
+@click.pass_context
+def main(ctx):
     """Relay OpenAI Responses WebSocket sessions: keep long turns alive, record every turn's usage."""
+    if ctx.invoked_subcommand != "serve":
+        patch()  # first: the command, and every server it starts, runs on gevent (serve decides for itself)
 
 
 @main.command()
@@ -33,14 +33,19 @@ def main():
 @click.option("--host", help="Listen address (server.host).")
 @click.option("--port", type=int, help="Listen port (server.port).")
 @click.option("--upstream", help="Upstream WebSocket URL (upstream.url).")
-def serve(config_path, host, port, upstream):
+@click.option("--workers", type=click.IntRange(min=1), help="Relay processes sharing the listening socket "
+              "(server.workers); more than one needs the gunicorn extra.")
+def serve(config_path, host, port, upstream, workers):
     """Run the relay.  Flags beat the file, the file beats the defaults."""
+    overrides = {"server.host": host, "server.port": port, "upstream.url": upstream, "server.workers": workers}
+    cfg = _load(config_path, overrides)
+    if cfg.server.workers > 1:
+        sys.exit(_serve_workers(cfg, lambda: config_mod.load(config_path, overrides)))
+    patch()  # before the relay's modules load: one process, on gevent
     from .server import serve as run
     from .store import UsageStore
     from .trace import Tracer
 
-    overrides = {"server.host": host, "server.port": port, "upstream.url": upstream}
-    cfg = _load(config_path, overrides)
     tracer = Tracer(path=cfg.trace.path)
     store = UsageStore(cfg.usage_database, cfg.usage_fallback_path, trace=tracer)
     try:
@@ -53,6 +58,24 @@ def serve(config_path, host, port, upstream):
         click.echo("wsrelay: cannot listen on %s:%s: %s" % (cfg.server.host, cfg.server.port,
                                                             exc.strerror or exc), err=True)
         sys.exit(1)
+
+
+def _serve_workers(cfg, read_config):
+    """gunicorn's arbiter over ``server.workers`` relay processes (:mod:`wsrelay.workers`).  This process is
+    not patched for gevent: the arbiter forks, and each worker patches itself."""
+    try:
+        from . import workers
+    except (ImportError, RuntimeError) as exc:  # gunicorn's gevent worker raises RuntimeError for an old gevent
+        click.echo("wsrelay: %d workers need the gunicorn extra: pip install 'wsrelay[gunicorn]' (%s)"
+                   % (cfg.server.workers, exc), err=True)
+        return 2
+    problem = workers.tls_problem(cfg)
+    if problem:
+        click.echo("wsrelay: %s" % problem, err=True)
+        return 1
+    from .trace import Tracer
+
+    return workers.serve(cfg, read_config, Tracer(path=cfg.trace.path, immediate=True))
 
 
 @main.command()

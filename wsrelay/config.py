@@ -115,6 +115,9 @@ SETTINGS = (
     Setting("server.shutdown_grace_seconds", float, 30.0,
             "On SIGTERM, how long live turns may run to their end before their clients are closed with 1001 "
             "(their upstreams are then drained so the turns are still billed).", minimum=0),
+    Setting("server.workers", int, 1,
+            "Relay processes sharing the listening socket, run by gunicorn's arbiter (needs the gunicorn extra). "
+            "1: one process, no arbiter.", minimum=1),
     Setting("upstream.url", str, "wss://api.openai.com/v1/responses",
             "Upstream Responses WebSocket endpoint (ws:// or wss://)."),
     Setting("upstream.api_key", str, None, "Credential sent upstream as 'Authorization: Bearer' when auth.keys "

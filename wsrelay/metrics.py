@@ -3,11 +3,19 @@
 Every life-cycle stage is already a trace event, so the metrics listen to the tracer instead of adding code to
 the relay's paths; what is live (bytes and frames of open sessions, the usage store's queue) is read at scrape
 time.  Served as ``GET /metrics`` (and on ``server.metrics_listen`` when set).
+
+Under ``wsrelay serve --workers`` (``$PROMETHEUS_MULTIPROC_DIR`` set before the workers start) every worker
+writes its metrics to files there and any worker's ``/metrics`` sums them all (prometheus-client's multiprocess
+mode).  The live values are then written by each worker every :data:`SHARE_INTERVAL` seconds and at each of its
+own scrapes, as gauges summed over the live workers and counters advanced by what was relayed since.
 """
 
+import os
 import time
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+import gevent
+from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest,
+                               multiprocess)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from .accounts import STATES as ACCOUNT_STATES
@@ -15,6 +23,8 @@ from .usage import TOKEN_FIELDS
 
 TOKEN_KINDS = tuple(name for name in TOKEN_FIELDS if name != "total_tokens")  # total is their sum
 DIRECTIONS = ("client_to_upstream", "upstream_to_client")
+MULTIPROCESS_DIR = "PROMETHEUS_MULTIPROC_DIR"
+SHARE_INTERVAL = 1.0
 
 
 class Metrics:
@@ -68,7 +78,11 @@ class Metrics:
                                     "one (hit), held turns that expired, and misses (miss_<reason>), by transport",
                                     ["transport", "outcome"], registry=registry)
         self._completed = {"bytes": dict.fromkeys(DIRECTIONS, 0), "frames": dict.fromkeys(DIRECTIONS, 0)}
-        registry.register(_LiveCollector(self))
+        self.shared = None
+        if os.environ.get(MULTIPROCESS_DIR):
+            self.shared = _SharedLive(self, registry)
+        else:
+            registry.register(_LiveCollector(self))
 
     def observe(self, stage, fields):
         """Tracer listener: one trace event in, the matching metric updates out."""
@@ -83,7 +97,17 @@ class Metrics:
                 self._completed[name][direction] += count
 
     def render(self):
-        return CONTENT_TYPE_LATEST, generate_latest(self.registry)
+        if self.shared is None:
+            return CONTENT_TYPE_LATEST, generate_latest(self.registry)
+        self.shared.write()
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return CONTENT_TYPE_LATEST, generate_latest(registry)
+
+    def close(self):
+        """Stop writing the live values of a worker (after a last write: what it relayed last is counted)."""
+        if self.shared is not None:
+            self.shared.close()
 
 
 def _dial_ok(metrics, fields):
@@ -166,8 +190,52 @@ _HANDLERS = {
 }
 
 
+def _live(metrics):
+    """What is read live: sessions, pending handshakes, bytes and frames relayed (finished sessions plus live
+    ones), per-account sessions and states, the usage store's queue and failures (None where there is none)."""
+    app = metrics.app
+    sessions = list(app.sessions) if app is not None else []
+    guard = getattr(app, "handshake_guard", None)
+    relayed = {name: dict(by_direction) for name, by_direction in metrics._completed.items()}
+    for session in sessions:
+        for name, by_direction in session.relayed().items():
+            for direction, count in by_direction.items():
+                relayed[name][direction] += count
+    pool = getattr(app, "pool", None)
+    accounts = None
+    if pool is not None:
+        now = time.monotonic()
+        accounts = [(account.name, account.live, account.state(now)) for account in pool.accounts.values()]
+    store = metrics.store
+    limits = getattr(app, "limits", None)
+    resume = getattr(app, "resume", None)
+    return {"sessions": len(sessions), "pending": guard.pending if guard is not None else None,
+            "relayed": relayed, "accounts": accounts,
+            "store": (store.queue_depth, store.failures) if store is not None else None,
+            "limits": ((1 if limits.redis.up else 0, limits.redis.outages, len(limits.live))
+                       if limits is not None and limits.shared else None),
+            "resume_bytes": resume.total_bytes if resume is not None else None}
+
+
+_DOCS = {
+    "sessions": "Live relay sessions",
+    "pending": "Connections whose request head is awaited",
+    "bytes": "Bytes relayed by direction",
+    "frames": "Frames relayed by direction",
+    "account_live": "Live sessions and HTTP requests in flight, by upstream account",
+    "account_state": "Each upstream account's state (1 for the current one)",
+    "queue": "Usage records not yet durable",
+    "failures": "Failed usage database batch writes",
+    "redis_up": "1 while per-key limits and account state are shared through Redis; 0 while Redis is unreachable "
+                "and this process counts alone",
+    "redis_outages": "Times Redis became unreachable (each one traced as limits_redis_unavailable)",
+    "leases": "Per-key leases held (live sessions and HTTP requests in flight)",
+    "resume_bytes": "Bytes of responses held for a retry of their turn",
+}
+
+
 class _LiveCollector:
-    """What is read at scrape time: live sessions, bytes and frames (finished plus live), the usage store."""
+    """One process's live values, read at scrape time."""
 
     def __init__(self, metrics):
         self.metrics = metrics
@@ -176,53 +244,102 @@ class _LiveCollector:
         return []
 
     def collect(self):
-        metrics = self.metrics
-        sessions = list(metrics.app.sessions) if metrics.app is not None else []
-        yield GaugeMetricFamily("wsrelay_sessions", "Live relay sessions", value=len(sessions))
-        guard = getattr(metrics.app, "handshake_guard", None)
-        if guard is not None:
-            yield GaugeMetricFamily("wsrelay_pending_handshakes", "Connections whose request head is awaited",
-                                    value=guard.pending)
-        live = {"bytes": dict.fromkeys(DIRECTIONS, 0), "frames": dict.fromkeys(DIRECTIONS, 0)}
-        for session in sessions:
-            for name, by_direction in session.relayed().items():
-                for direction, count in by_direction.items():
-                    live[name][direction] += count
-        for name, doc in (("bytes", "Bytes relayed by direction"), ("frames", "Frames relayed by direction")):
-            family = CounterMetricFamily("wsrelay_relayed_" + name, doc, labels=["direction"])
+        live = _live(self.metrics)
+        yield GaugeMetricFamily("wsrelay_sessions", _DOCS["sessions"], value=live["sessions"])
+        if live["pending"] is not None:
+            yield GaugeMetricFamily("wsrelay_pending_handshakes", _DOCS["pending"], value=live["pending"])
+        for name in ("bytes", "frames"):
+            family = CounterMetricFamily("wsrelay_relayed_" + name, _DOCS[name], labels=["direction"])
             for direction in DIRECTIONS:
-                family.add_metric([direction], metrics._completed[name][direction] + live[name][direction])
+                family.add_metric([direction], live["relayed"][name][direction])
             yield family
-        pool = getattr(metrics.app, "pool", None)
-        if pool is not None:
-            now = time.monotonic()
-            live = GaugeMetricFamily("wsrelay_account_live_sessions", "Live sessions and HTTP requests in flight, "
-                                     "by upstream account", labels=["account"])
-            states = GaugeMetricFamily("wsrelay_account_state", "Each upstream account's state (1 for the "
-                                       "current one)", labels=["account", "state"])
-            for account in pool.accounts.values():
-                live.add_metric([account.name], account.live)
-                current = account.state(now)
+        if live["accounts"] is not None:
+            sessions = GaugeMetricFamily("wsrelay_account_live_sessions", _DOCS["account_live"], labels=["account"])
+            states = GaugeMetricFamily("wsrelay_account_state", _DOCS["account_state"], labels=["account", "state"])
+            for name, count, current in live["accounts"]:
+                sessions.add_metric([name], count)
                 for state in ACCOUNT_STATES:
-                    states.add_metric([account.name, state], 1 if state == current else 0)
-            yield live
+                    states.add_metric([name, state], 1 if state == current else 0)
+            yield sessions
             yield states
-        limits = getattr(metrics.app, "limits", None)
-        if limits is not None and limits.shared:
-            yield GaugeMetricFamily("wsrelay_limits_redis_up", "1 while per-key limits and account state are "
-                                    "shared through Redis; 0 while Redis is unreachable and this process counts "
-                                    "alone", value=1 if limits.redis.up else 0)
-            yield CounterMetricFamily("wsrelay_limits_redis_outages", "Times Redis became unreachable (each one "
-                                      "traced as limits_redis_unavailable)", value=limits.redis.outages)
-            yield GaugeMetricFamily("wsrelay_limits_leases", "Per-key leases this process holds (its live "
-                                    "sessions and HTTP requests in flight)", value=len(limits.live))
-        registry = getattr(metrics.app, "resume", None)
-        if registry is not None:
-            yield GaugeMetricFamily("wsrelay_resume_held_bytes", "Bytes of responses held for a retry of their turn",
-                                    value=registry.total_bytes)
-        store = metrics.store
-        if store is not None:
-            yield GaugeMetricFamily("wsrelay_usage_store_queue_depth", "Usage records not yet durable",
-                                    value=store.queue_depth)
-            yield CounterMetricFamily("wsrelay_usage_store_failures", "Failed usage database batch writes",
-                                      value=store.failures)
+        if live["store"] is not None:
+            depth, failures = live["store"]
+            yield GaugeMetricFamily("wsrelay_usage_store_queue_depth", _DOCS["queue"], value=depth)
+            yield CounterMetricFamily("wsrelay_usage_store_failures", _DOCS["failures"], value=failures)
+        if live["limits"] is not None:
+            up, outages, leases = live["limits"]
+            yield GaugeMetricFamily("wsrelay_limits_redis_up", _DOCS["redis_up"], value=up)
+            yield CounterMetricFamily("wsrelay_limits_redis_outages", _DOCS["redis_outages"], value=outages)
+            yield GaugeMetricFamily("wsrelay_limits_leases", _DOCS["leases"], value=leases)
+        if live["resume_bytes"] is not None:
+            yield GaugeMetricFamily("wsrelay_resume_held_bytes", _DOCS["resume_bytes"], value=live["resume_bytes"])
+
+
+class _SharedLive:
+    """One worker's live values written for all workers' scrapes: gauges summed over the live workers (a dead
+    worker's are dropped when the arbiter marks it dead), counters advanced by the difference since the last
+    write (a dead worker's counts stay in the totals).  An account's state is per worker (each has its own
+    pool), so it keeps a ``pid`` label."""
+
+    def __init__(self, metrics, registry):
+        self.metrics = metrics
+
+        def gauge(name, doc, labels=(), mode="livesum"):
+            return Gauge(name, doc, labels, registry=registry, multiprocess_mode=mode)
+
+        self.sessions = gauge("wsrelay_sessions", _DOCS["sessions"])
+        self.pending = gauge("wsrelay_pending_handshakes", _DOCS["pending"])
+        self.relayed = {name: Counter("wsrelay_relayed_" + name, _DOCS[name], ["direction"], registry=registry)
+                        for name in ("bytes", "frames")}
+        self.account_live = gauge("wsrelay_account_live_sessions", _DOCS["account_live"], ["account"])
+        self.account_state = gauge("wsrelay_account_state", _DOCS["account_state"], ["account", "state"],
+                                   "liveall")
+        self.queue = gauge("wsrelay_usage_store_queue_depth", _DOCS["queue"])
+        self.failures = Counter("wsrelay_usage_store_failures", _DOCS["failures"], registry=registry)
+        self.redis_up = gauge("wsrelay_limits_redis_up", _DOCS["redis_up"], mode="livemin")
+        self.redis_outages = Counter("wsrelay_limits_redis_outages", _DOCS["redis_outages"], registry=registry)
+        self.leases = gauge("wsrelay_limits_leases", _DOCS["leases"])
+        self.resume_bytes = gauge("wsrelay_resume_held_bytes", _DOCS["resume_bytes"])
+        self._written = {"bytes": dict.fromkeys(DIRECTIONS, 0), "frames": dict.fromkeys(DIRECTIONS, 0),
+                         "failures": 0, "outages": 0}
+        self._greenlet = gevent.spawn(self._run)
+
+    def _run(self):
+        while True:
+            self.write()
+            gevent.sleep(SHARE_INTERVAL)
+
+    def write(self):
+        live = _live(self.metrics)
+        self.sessions.set(live["sessions"])
+        if live["pending"] is not None:
+            self.pending.set(live["pending"])
+        for name, counter in self.relayed.items():
+            for direction in DIRECTIONS:
+                total = live["relayed"][name][direction]
+                if total > self._written[name][direction]:
+                    counter.labels(direction).inc(total - self._written[name][direction])
+                    self._written[name][direction] = total
+        for name, count, current in live["accounts"] or ():
+            self.account_live.labels(name).set(count)
+            for state in ACCOUNT_STATES:
+                self.account_state.labels(name, state).set(1 if state == current else 0)
+        if live["store"] is not None:
+            depth, failures = live["store"]
+            self.queue.set(depth)
+            if failures > self._written["failures"]:
+                self.failures.inc(failures - self._written["failures"])
+                self._written["failures"] = failures
+        if live["limits"] is not None:
+            up, outages, leases = live["limits"]
+            self.redis_up.set(up)
+            self.leases.set(leases)
+            if outages > self._written["outages"]:
+                self.redis_outages.inc(outages - self._written["outages"])
+                self._written["outages"] = outages
+        if live["resume_bytes"] is not None:
+            self.resume_bytes.set(live["resume_bytes"])
+
+    def close(self):
+        self._greenlet.kill()
+        self.write()

@@ -257,7 +257,7 @@ def _json(start_response, status, payload):
     return [body]
 
 
-def _ops_only(app):
+def ops_only(app):
     """The WSGI app of the separate metrics listener: /metrics, /healthz, /readyz and /accounts only."""
 
     def ops(environ, start_response):
@@ -282,7 +282,8 @@ def _process_state():
         fds = len(os.listdir("/proc/self/fd"))
     except OSError:
         fds = None
-    return {"greenlets": sum(1 for o in gc.get_objects() if isinstance(o, greenlet)), "open_fds": fds}
+    return {"greenlets": sum(1 for o in gc.get_objects() if isinstance(o, greenlet)), "open_fds": fds,
+            "pid": os.getpid()}
 
 
 def _client(handler):
@@ -353,7 +354,7 @@ def serve(config, tracer, store, reload=None):
     side = None
     if config.server.metrics_listen:
         host, _, port = config.server.metrics_listen.rpartition(":")
-        side = RelayServer((host.strip("[]"), int(port)), _ops_only(server.app), handler_class=RelayHandler,
+        side = RelayServer((host.strip("[]"), int(port)), ops_only(server.app), handler_class=RelayHandler,
                            log=None)
         side.start()
         tracer.emit("metrics_listening", host=host, port=side.server_port)

@@ -11,6 +11,11 @@ accepts writes again, and at the next start.  Inserts are idempotent on ``record
 
 The store belongs to the process that starts it: create it before a fork if need be, start it after (each
 gunicorn worker starts its own).
+
+Several processes (``wsrelay serve --workers``) may share one database and one fallback file: SQLite's WAL and
+busy timeout serialise their batches (PostgreSQL its transactions), record ids are random (a record is inserted
+once wherever it comes from), and the fallback file is locked (``flock``) while a batch is appended or the file
+is imported and emptied.
 """
 
 import json

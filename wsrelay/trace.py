@@ -84,11 +84,15 @@ class Tracer:
     """Writes trace lines to a stream (standard error by default) or appends them to ``path``.
 
     Lines emitted by the hub's thread within one turn of the event loop go out in one write at its end (a
-    handshake emits several); lines from other threads (the usage store's) are written at once.
+    handshake emits several); lines from other threads (the usage store's) are written at once, and so is every
+    line when ``immediate`` (a process with no event loop running, such as gunicorn's arbiter).  ``context``
+    fields go on every line, after the stage (``worker=<pid>`` when several processes share one trace).
     """
 
-    def __init__(self, stream=None, path=None):
+    def __init__(self, stream=None, path=None, context=None, immediate=False):
         self._path = path
+        self.context = dict(context or {})
+        self.immediate = immediate
         self._stream = open(path, "a", encoding="utf-8") if path else (stream or sys.stderr)
         self._lock = threading.Lock()
         self._pending = []
@@ -97,14 +101,14 @@ class Tracer:
         atexit.register(self.flush)  # lines of the loop's last turn, when the process ends inside it
 
     def emit(self, stage, **fields):
-        line = format_line(stage, fields)
+        line = format_line(stage, dict(self.context, **fields) if self.context else fields)
         for listener in self.listeners:
             listener(stage, fields)
         with self._lock:
             self._pending.append(line)
             if len(self._pending) > 1:
                 return  # a flush is already due
-        if _native_thread_id() == self._hub_thread:
+        if _native_thread_id() == self._hub_thread and not self.immediate:
             gevent.get_hub().loop.run_callback(self.flush)
         else:
             self.flush()

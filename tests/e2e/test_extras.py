@@ -6,8 +6,9 @@ copy of the repository with that extra only, and then, with the venv's own execu
 outside the repository (so nothing is imported from the checkout), runs a real session on 127.0.0.1: the venv's
 ``wsrelay fake-upstream``, the relay the install is for (the redis extra's with its per-key lease in a private
 redis-server), one client turn through the venv's websocket-client, the relay stopped with SIGTERM, and the
-turn's record read back with the venv's ``wsrelay usage --format json``. With the ``postgres`` extra the record
-goes to a private PostgreSQL server (``usage.database_url``) and is read back from there.
+turn's record read back with the venv's ``wsrelay usage --format json`` (for an install with several relays,
+each in turn). With the ``postgres`` extra the record goes to a private PostgreSQL server
+(``usage.database_url``) and is read back from there.
 
 A dependency that an install needs but does not declare fails here, not on a user's machine: the suite itself
 runs in a venv with the test extras, which pull in more than any install declares (pytest brings ``packaging``).
@@ -86,9 +87,15 @@ def redis_relay(venv, config, port):
     return serve_relay(venv, config, port)
 
 
-# How to run a relay with each install: ``(venv, config, port) -> (argv, extra environment)``.  A new extra in
-# setup.cfg fails its case until it is given one here.
-RELAYS = {BASE: serve_relay, "gunicorn": gunicorn_relay, "redis": redis_relay, "postgres": serve_relay}
+def workers_relay(venv, config, port):
+    """The gunicorn extra's other relay: ``wsrelay serve --workers 2`` (gunicorn's arbiter, wsrelay's settings)."""
+    return [executable(venv, "wsrelay"), "serve", "--config", config, "--port", str(port), "--workers", "2"], {}
+
+
+# How to run the relays of each install, one after the other: ``(venv, config, port) -> (argv, extra
+# environment)``.  A new extra in setup.cfg fails its case until it is given one here.
+RELAYS = {BASE: [serve_relay], "gunicorn": [gunicorn_relay, workers_relay], "redis": [redis_relay],
+          "postgres": [serve_relay]}
 
 
 def redis_settings(request):
@@ -241,6 +248,48 @@ def accepts(port):
         return False
 
 
+def serve_a_turn(relay, processes, venv, work, env, upstream_port, tmp_path, extra, request):
+    """Run ``relay`` from the venv, a client's turn through it, a SIGTERM; then read the turn's record back."""
+    python = executable(venv, "python")
+    relay_port = free_port()  # now that the upstream holds its port, never the same one
+    tmp_path.mkdir()
+
+    config = tmp_path / "wsrelay.yaml"
+    settings, check = SETTINGS[extra](request) if extra in SETTINGS else ({}, None)
+    usage_section, postgres = usage_settings(extra, request, tmp_path)
+    config.write_text(json.dumps(dict({  # JSON is YAML
+        "server": {"host": "127.0.0.1", "shutdown_grace_seconds": 2},  # the port is each relay's flag
+        "upstream": {"url": "ws://127.0.0.1:%d/v1/responses" % upstream_port},
+        "usage": usage_section,
+    }, **settings)))
+    argv, relay_env = relay(venv, str(config), relay_port)
+    relay_process = processes(argv, str(work), dict(env, **relay_env), str(tmp_path / "relay.log"))
+    relay_process.wait_until(lambda: answers(relay_port, "/healthz"), os.path.basename(argv[0]))
+
+    client = tmp_path / "client.py"
+    client.write_text(CLIENT)
+    completed = json.loads(run([python, str(client), "ws://127.0.0.1:%d/v1/responses" % relay_port],
+                               str(work), env, 60, "the client's turn"))
+    assert completed["type"] == "response.completed", completed
+    if check is not None:
+        check(relay_process)
+
+    status = relay_process.stop()
+    assert status == 0, "the relay exited %s on SIGTERM:\n%s" % (status, relay_process.output())
+    records = json.loads(run([executable(venv, "wsrelay"), "usage", "--config", str(config), "--format", "json"],
+                             str(work), env, 30, "wsrelay usage"))
+    assert [(r["response_id"], r["terminal_event"], r["client_disconnected"]) for r in records] == \
+        [(completed["response"]["id"], "response.completed", False)], records
+    usage = completed["response"]["usage"]
+    assert (records[0]["input_tokens"], records[0]["output_tokens"], records[0]["total_tokens"]) == \
+        (usage["input_tokens"], usage["output_tokens"], usage["total_tokens"]), records
+    if postgres is not None:
+        server, url = postgres
+        stored = server.execute(url.rsplit("/", 1)[1], "SELECT response_id FROM usage")
+        assert stored == [(completed["response"]["id"],)], stored
+        assert not os.path.exists(usage_section["fallback_path"]) and not os.path.exists(usage_section["sqlite_path"])
+
+
 @pytest.mark.parametrize("extra", [BASE] + declared_extras(), ids=lambda extra: extra or "base")
 def test_install_serves_a_turn_from_a_clean_venv(extra, source, processes, tmp_path, request):
     if extra not in RELAYS:
@@ -264,40 +313,7 @@ def test_install_serves_a_turn_from_a_clean_venv(extra, source, processes, tmp_p
     upstream = processes([executable(venv, "wsrelay"), "fake-upstream", "--host", "127.0.0.1",
                           "--port", str(upstream_port)], str(work), env, str(tmp_path / "fake-upstream.log"))
     upstream.wait_until(lambda: accepts(upstream_port), "wsrelay fake-upstream")
-    relay_port = free_port()  # now that the upstream holds its port, never the same one
-
-    config = tmp_path / "wsrelay.yaml"
-    settings, check = SETTINGS[extra](request) if extra in SETTINGS else ({}, None)
-    usage_section, postgres = usage_settings(extra, request, tmp_path)
-    config.write_text(json.dumps(dict({  # JSON is YAML
-        "server": {"host": "127.0.0.1", "shutdown_grace_seconds": 2},  # the port is each relay's flag
-        "upstream": {"url": "ws://127.0.0.1:%d/v1/responses" % upstream_port},
-        "usage": usage_section,
-    }, **settings)))
-    argv, relay_env = RELAYS[extra](venv, str(config), relay_port)
-    relay = processes(argv, str(work), dict(env, **relay_env), str(tmp_path / "relay.log"))
-    relay.wait_until(lambda: answers(relay_port, "/healthz"), os.path.basename(argv[0]))
-
-    client = tmp_path / "client.py"
-    client.write_text(CLIENT)
-    completed = json.loads(run([python, str(client), "ws://127.0.0.1:%d/v1/responses" % relay_port],
-                               str(work), env, 60, "the client's turn"))
-    assert completed["type"] == "response.completed", completed
-    if check is not None:
-        check(relay)
-
-    status = relay.stop()
-    assert status == 0, "the relay exited %s on SIGTERM:\n%s" % (status, relay.output())
-    records = json.loads(run([executable(venv, "wsrelay"), "usage", "--config", str(config), "--format", "json"],
-                             str(work), env, 30, "wsrelay usage"))
-    assert [(r["response_id"], r["terminal_event"], r["client_disconnected"]) for r in records] == \
-        [(completed["response"]["id"], "response.completed", False)], records
-    usage = completed["response"]["usage"]
-    assert (records[0]["input_tokens"], records[0]["output_tokens"], records[0]["total_tokens"]) == \
-        (usage["input_tokens"], usage["output_tokens"], usage["total_tokens"]), records
-    if postgres is not None:
-        server, url = postgres
-        stored = server.execute(url.rsplit("/", 1)[1], "SELECT response_id FROM usage")
-        assert stored == [(completed["response"]["id"],)], stored
-        assert not os.path.exists(usage_section["fallback_path"]) and not os.path.exists(usage_section["sqlite_path"])
+    for relay in RELAYS[extra]:
+        serve_a_turn(relay, processes, venv, work, env, upstream_port, tmp_path / relay.__name__,
+                     extra, request)
     assert upstream.stop() == 0, upstream.output()

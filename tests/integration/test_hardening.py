@@ -6,7 +6,6 @@ import json
 import os
 import socket
 import ssl
-import subprocess
 import time
 
 import gevent
@@ -14,7 +13,7 @@ import pytest
 from gevent.pywsgi import WSGIServer
 
 from tests.helpers import (CREATE, FIRST_MESSAGE_TIMEOUT, INTERVAL, PING_TIMEOUT, WS, connect, port_of, raw_request,
-                           read_close, read_until_marker)
+                           read_close, read_until_marker, tls_connect)
 from wsrelay import trace
 from wsrelay.fake_upstream import FakeUpstream, FrameSocket
 from wsrelay.frames import OP_TEXT
@@ -105,35 +104,6 @@ def test_turn_with_a_silent_upstream_is_given_up_after_the_read_timeout(fake, re
 
 
 # -- TLS ---------------------------------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def certificate(tmp_path_factory):
-    """A self-signed certificate for 127.0.0.1 made with the openssl command line."""
-    directory = tmp_path_factory.mktemp("tls")
-    cert, key = str(directory / "cert.pem"), str(directory / "key.pem")
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=127.0.0.1",
-                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", key, "-out", cert],
-                   check=True, capture_output=True)
-    return cert, key
-
-
-def tls_connect(url, cafile):
-    """A raw client over TLS: the handshake by hand, then FrameSocket over the TLS socket."""
-    import socket
-    hostport, _, path = url[len("wss://"):].partition("/")
-    host, _, port = hostport.partition(":")
-    context = ssl.create_default_context(cafile=cafile)
-    sock = context.wrap_socket(socket.create_connection((host, int(port)), timeout=10), server_hostname=host)
-    key = "dGhlIHNhbXBsZSBub25jZQ=="
-    sock.sendall(("GET /%s HTTP/1.1\r\nHost: %s\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                  "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: %s\r\n\r\n" % (path, hostport, key)).encode())
-    data = b""
-    while b"\r\n\r\n" not in data:
-        data += sock.recv(4096)
-    head, _, rest = data.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 101"), head
-    return FrameSocket(sock, rest, client=True)
-
 
 def test_relay_serves_wss_with_its_own_certificate(fake, relay, certificate, store, tracer):
     cert, key = certificate
