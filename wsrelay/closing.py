@@ -59,7 +59,7 @@ def settle_client_exit(session, first, up, down):
     if session.ledger.in_flight and session.upstream_open and not up.dead:
         if session.resume is not None and session.resume.hold(first, up):
             return True
-        if session.ledger.in_flight and session.upstream_open and not up.dead:
+        if session.ledger.in_flight:  # not held, or the hold ended without a retry (the upstream may be gone)
             _drain(session, up)
     if session.upstream_open and not up.dead:
         if not first.close_forwarded and not session.up_mid_frame:

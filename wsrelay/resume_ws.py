@@ -63,6 +63,7 @@ class TurnCopy:
         self.settings = settings  # the resume section of the configuration
         self.turn_header = turn_header  # the handshake's x-codex-turn-metadata
         self.pending = bytearray()  # client bytes since the last request's end (None: too many to keep)
+        self.settled = True  # what pending holds ended at a message boundary: it was no request
         self.request = None  # the client frames that carried the request in flight
         self.copy = None  # the upstream bytes of the response in flight, from its request on
         self.mid_frame = False  # the copy ends inside a frame
@@ -80,10 +81,13 @@ class TurnCopy:
 
     # -- while the turn runs (the session's pumps) ---------------------------------------------------------
 
-    def sent(self, data):
+    def sent(self, data, mid_frame):
         pending = self.pending
         if pending is not None:
+            if self.settled:
+                del pending[:]  # whole messages that started no turn: only a request is worth keeping
             pending += data
+            self.settled = not mid_frame and not self.session.down.in_message
             if len(pending) > self.settings.max_buffer_bytes:
                 self.pending = None  # a request this big is not held; started() finds a frame boundary again
 
@@ -93,11 +97,12 @@ class TurnCopy:
         if pending is None:
             self.request = None
             if not session.down.walker.remaining and not session.down.in_message:
-                self.pending = bytearray()
+                self.pending, self.settled = bytearray(), True
         else:
             end = frames_end(pending)
             self.request = bytes(pending[:end])
             del pending[:end]
+            self.settled = not pending
         if session.ledger.open_responses != 1:
             why = "pipelined"
         elif self.request is None:
@@ -200,6 +205,7 @@ class TurnCopy:
         if turn_id is None:
             return None, resume.MISS_NO_TURN_ID
         self.pending = bytearray()  # no client now; a retry's client starts at a frame boundary
+        self.settled = True
         size = self.size
         if not self.registry.room_for(size):
             return None, "no_room"

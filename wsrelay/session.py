@@ -218,7 +218,7 @@ class Session:
             if kind is Forward:
                 data, mid_frame, _ = action
                 if self.resume is not None:
-                    self.resume.sent(data)
+                    self.resume.sent(data, mid_frame)
                 if not self.send_up(data, mid_frame):
                     return self.exit
             elif kind is TurnStarted:

@@ -220,3 +220,63 @@ def test_server_shutdown_ends_a_hold_and_writes_its_record(fake, relay, store, t
     [record] = turn_records(store, 1)
     assert (record["resumed"], record["client_disconnected"]) == (False, True)
     wait_until(lambda: not relay_app.resume.held and not relay_app.sessions)
+
+
+def test_a_retry_cut_again_is_resumed_again_from_the_response_start(fake, relay, store, tracer):
+    app, url, relay_app = start(fake, relay, silence=1.5)
+    head = cut_mid_turn(url, tracer)
+    second = client(url)
+    create(second, items=ITEMS)
+    assert read_events(second, count=HEAD_EVENTS) == head
+    tracer.wait_for("resume_hit")
+    reset(second)
+    tracer.wait_for("resume_held", count=2)
+    third = client(url)
+    create(third, items=ITEMS)
+    events = read_events(third, until="response.completed")
+    assert events[:HEAD_EVENTS] == head
+    assert requests_by_connection(app) == [1]
+    [record] = turn_records(store, 1)
+    assert record["resumed"] is True and len(store.records) == 1
+
+
+def test_a_response_that_ended_while_held_is_resumed_whole(fake, relay, store, tracer):
+    app, url, relay_app = start(fake, relay, silence=0.3)
+    head = cut_mid_turn(url, tracer)
+    wait_until(lambda: not list(relay_app.sessions)[0].ledger.in_flight, what="the held response's end")
+    assert not store.records  # kept back until the turn's fate is known
+    retry = client(url)
+    create(retry, items=ITEMS)
+    events = read_events(retry, until="response.completed")
+    assert events[:HEAD_EVENTS] == head and len(events) == HEAD_EVENTS + 2
+    assert tracer.wait_for("resume_hit")["turn_in_flight"] is False
+    [record] = turn_records(store, 1)
+    assert (record["resumed"], record["client_disconnected"]) == (True, False)
+    assert requests_by_connection(app) == [1]
+
+
+def test_a_retry_after_the_held_upstream_died_runs_upstream_again(fake, relay, store, tracer):
+    app, upstream_url = fake(mode="drop-mid", silence=0.3)
+    url = relay(upstream_url, auth__keys=[KEY], upstream__api_key="sk-upstream", resume__window_seconds=10)
+    relay_app = relay.apps[-1]
+    cut_mid_turn(url, tracer)
+    assert tracer.wait_for("resume_released")["reason"] == "upstream_gone"
+    assert relay_app.resume.total_bytes == 0  # an empty entry stays, to tell the retry why it missed
+    retry = client(url)
+    create(retry, items=ITEMS)
+    read_events(retry, count=HEAD_EVENTS)
+    assert tracer.wait_for("resume_miss")["reason"] == "upstream_gone"
+    assert requests_by_connection(app) == [1, 2] and not relay_app.resume.held
+    lost = [r for r in store.records if r["terminal_event"] == "wsrelay.upstream_lost"]
+    assert len(lost) == 1 and lost[0]["resumed"] is False
+
+
+def test_client_messages_that_start_no_turn_are_not_kept(fake, relay, tracer):
+    app, upstream_url = fake(mode="echo")
+    url = relay(upstream_url, auth__keys=[KEY], upstream__api_key="sk-upstream")
+    peer = client(url)
+    for _ in range(5):
+        peer.send(OP_TEXT, b'{"type": "response.cancel", "padding": "%s"}' % (b"x" * 1000))
+        peer.read_message()
+    [session] = relay.apps[-1].sessions
+    assert session.resume.size < 1100  # the last message at most, until the next one comes
