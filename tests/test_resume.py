@@ -2,8 +2,9 @@
 
 import json
 
-from wsrelay.resume import (MISS_DEAD, MISS_EXPIRED, MISS_INPUT, MISS_NO_TURN_ID, MISS_NONE_HELD, MISS_OVERFLOW,
-                            MISS_TURN, HeldTurn, ResumeRegistry, conversation, input_items, is_suffix, turn_id)
+from wsrelay.resume import (MISS_ACCOUNT, MISS_DEAD, MISS_EXPIRED, MISS_INPUT, MISS_NO_TURN_ID, MISS_NONE_HELD,
+                            MISS_OVERFLOW, MISS_TRANSPORT, MISS_TURN, HeldTurn, ResumeRegistry, conversation,
+                            input_items, is_suffix, turn_id)
 
 ITEMS = [{"type": "message", "id": "msg_%d" % i, "role": "user", "content": [{"type": "input_text", "text": str(i)}]}
          for i in range(4)]
@@ -87,3 +88,13 @@ def test_expiry_and_memory_bounds():
     assert replaced is second and registry.total_bytes == 5
     registry.release(registry.held[second.conversation])
     assert registry.total_bytes == 0
+
+
+def test_a_resume_never_crosses_accounts_or_transports():
+    registry = ResumeRegistry(1 << 20)
+    turn = held()
+    turn.transport = "websocket"
+    registry.hold(turn)
+    assert registry.match(turn.conversation, request(), None, 50, account="b") == (None, MISS_ACCOUNT)
+    assert registry.match(turn.conversation, request(), None, 50, transport="http") == (None, MISS_TRANSPORT)
+    assert registry.match(turn.conversation, request(), None, 50, account="a", transport="websocket") == (turn, None)

@@ -143,11 +143,12 @@ def test_a_database_made_before_a_field_existed_gains_its_column_and_keeps_its_r
     conn.close()
     store = make_store()
     store.start()
-    store.put(rec(1))
+    store.put(rec(1, resumed=True))
     assert store.flush(5.0)
     old, new = store.query()
     assert (old["response_id"], old["input_tokens"], old["transport"]) == ("resp_old", 7, "websocket")
-    assert new["response_id"] == "resp_1" and new["transport"] == "websocket"
+    assert old["resumed"] is False
+    assert new["response_id"] == "resp_1" and new["transport"] == "websocket" and new["resumed"] is True
     store.close()
 
 

@@ -419,3 +419,21 @@ def test_a_record_from_before_instances_were_kept_has_none():
     assert older.instance is None
     assert UsageRecord.from_dict(UsageRecord(instance="h:1").to_dict()).instance == "h:1"
     assert "instance" in usage.NULLABLE_FIELDS and "instance" in usage.REPORT_FIELDS
+
+
+def test_responses_in_flight_at_a_resume_are_recorded_as_resumed_and_later_ones_are_not():
+    ledger = make_ledger()
+    ledger.start_turn()
+    ledger.mark_resumed()
+    [resumed] = ledger.on_event(terminal("response.completed", usage_block=USAGE))
+    assert resumed.resumed is True and resumed.total_tokens == USAGE["total_tokens"]
+    ledger.start_turn()
+    [later] = ledger.on_event(terminal("response.completed", response_id="resp_2"))
+    assert later.resumed is False
+    ledger.start_turn()
+    ledger.on_event(bare_error())
+    ledger.mark_resumed()  # an error held back for a response.failed that may follow
+    [held] = ledger.start_turn()
+    assert held.terminal_event == "error" and held.resumed is True
+    assert UsageRecord.from_dict(held.to_dict()).resumed is True
+    assert UsageRecord.from_dict({"record_id": "r"}).resumed is False  # a record from before the field

@@ -1,9 +1,11 @@
 """The end of a session: settle both sides once the first one ended, and bill every turn.
 
 * The client leaves (close frame, EOF, reset, failed Ping, bad frame) or the relay ends the client side (idle or
-  first-message timeout, shutdown) — stop writing downstream; if a turn is in flight, *drain* the upstream until
-  its terminal event or ``upstream_drain_timeout_seconds``; then close the upstream with the client's close code
-  (1001 "client disconnected" when the client gave none, the relay's own code for its timers).
+  first-message timeout, shutdown) — stop writing downstream; if a turn is in flight, hold it for the client's
+  retry where the session may (:mod:`wsrelay.resume_ws`), else (or once the hold ended without a retry) *drain*
+  the upstream until its terminal event or ``upstream_drain_timeout_seconds``; then close the upstream with the
+  client's close code (1001 "client disconnected" when the client gave none, the relay's own code for its
+  timers).
 * The upstream ends — a close frame is forwarded as it is (its code and reason reach the client); an abrupt end
   becomes close 1011 for the client, a read timeout 1001.  A turn left without a terminal event is recorded
   as failed.
@@ -39,7 +41,9 @@ _CLIENT_GONE = (frames.CLOSE_GOING_AWAY, "client disconnected")
 
 
 def settle_client_exit(session, first, up, down):
-    """The client side ended first (``up``/``down``: the pump greenlets)."""
+    """The client side ended first (``up``/``down``: the pump greenlets).  Returns True when the client's retry
+    of the turn in flight took the session over while it was held (:mod:`wsrelay.resume_ws`): the upstream
+    stays, the session goes on with the new client."""
     session.writer.close()
     if not down.dead and gevent.getcurrent() is not down:
         down.kill()
@@ -53,7 +57,10 @@ def settle_client_exit(session, first, up, down):
         watch = CloseWatch(session.down_pending, session.down.walker.remaining)
         _linger_on(session, "client", session.down_sock, watch)
     if session.ledger.in_flight and session.upstream_open and not up.dead:
-        _drain(session, up)
+        if session.resume is not None and session.resume.hold(first, up):
+            return True
+        if session.ledger.in_flight:  # not held, or the hold ended without a retry (the upstream may be gone)
+            _drain(session, up)
     if session.upstream_open and not up.dead:
         if not first.close_forwarded and not session.up_mid_frame:
             if first.stage == "client_close":
@@ -63,6 +70,7 @@ def settle_client_exit(session, first, up, down):
             session.send_up(frames.build_close(code, reason, mask=True))
         up.join(session.settings.close_timeout_seconds)  # the upstream's close in reply ends the pump
     gevent.joinall(session.lingering)
+    return False
 
 
 def settle_upstream_exit(session, first, up, down):

@@ -176,6 +176,7 @@ class FakeUpstream:
         self.http_peers = []      # the client port of each HTTP request (one per upstream connection)
         self.closes = []          # (code, reason) of each close frame a client sent
         self.connections = 0
+        self.requests = []        # (connection number, request) of each WebSocket response.create, from 1
 
     def __call__(self, environ, start_response):
         """The HTTP transport: ``POST /v1/responses`` (SSE or JSON) and ``GET /v1/models``."""
@@ -199,6 +200,7 @@ class FakeUpstream:
         sock, initial = handler.take_over()
         self.connections += 1
         peer = FrameSocket(sock, initial)
+        peer.number = self.connections
         try:
             self._serve(peer)
         except ConnectionClosed as closed:
@@ -223,6 +225,7 @@ class FakeUpstream:
                 continue
             if not isinstance(request, dict) or request.get("type") != "response.create":
                 continue
+            self.requests.append((peer.number, request))
             head, tail = turn_events(request, self.mode, self.deltas, self.usage)
             for event in head:
                 peer.send_json(event)

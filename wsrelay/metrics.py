@@ -75,8 +75,10 @@ class Metrics:
                                         "by side and how they ended (close, eof, reset, timeout, idle, max_bytes)",
                                         ["side", "outcome"], registry=registry)
         self.resume_turns = Counter("wsrelay_resume_turns", "Turn resume: turns held for a retry, retries that got "
-                                    "one (hit), held turns that expired, and misses (miss_<reason>), by transport",
-                                    ["transport", "outcome"], registry=registry)
+                                    "one (hit), held turns that expired, misses (miss_<reason>), cut turns that "
+                                    "could not be held (skipped_<reason>) and holds ended early "
+                                    "(released_<reason>), by transport", ["transport", "outcome"],
+                                    registry=registry)
         self._completed = {"bytes": dict.fromkeys(DIRECTIONS, 0), "frames": dict.fromkeys(DIRECTIONS, 0)}
         self.shared = None
         if os.environ.get(MULTIPROCESS_DIR):
@@ -159,11 +161,13 @@ def _account_dial(metrics, fields):
 
 def _resume(outcome):
     def count(metrics, fields):
-        label = outcome if outcome != "miss" else "miss_%s" % fields.get("reason")
+        label = outcome if outcome not in _WITH_REASON else "%s_%s" % (outcome, fields.get("reason"))
         metrics.resume_turns.labels(str(fields.get("transport")), label).inc()
 
     return count
 
+
+_WITH_REASON = frozenset(("miss", "skipped", "released"))
 
 _HANDLERS = {
     "dial_ok": _dial_ok,
@@ -186,6 +190,8 @@ _HANDLERS = {
     "resume_hit": _resume("hit"),
     "resume_miss": _resume("miss"),
     "resume_expired": _resume("expired"),
+    "resume_skipped": _resume("skipped"),
+    "resume_released": _resume("released"),
     "lingering_close": lambda m, f: m.lingering_closes.labels(str(f.get("side")), str(f.get("outcome"))).inc(),
 }
 
@@ -214,7 +220,10 @@ def _live(metrics):
             "store": (store.queue_depth, store.failures) if store is not None else None,
             "limits": ((1 if limits.redis.up else 0, limits.redis.outages, len(limits.live))
                        if limits is not None and limits.shared else None),
-            "resume_bytes": resume.total_bytes if resume is not None else None}
+            "resume_bytes": resume.total_bytes if resume is not None else None,
+            "resume_turns": len(resume.held) if resume is not None else None,
+            "resume_copies": sum(copy.size for copy in (getattr(session, "resume", None) for session in sessions)
+                                 if copy is not None and copy.turn is None)}
 
 
 _DOCS = {
@@ -231,6 +240,9 @@ _DOCS = {
     "redis_outages": "Times Redis became unreachable (each one traced as limits_redis_unavailable)",
     "leases": "Per-key leases held (live sessions and HTTP requests in flight)",
     "resume_bytes": "Bytes of responses held for a retry of their turn",
+    "resume_turns": "Cut turns held for their client's retry",
+    "resume_copies": "Bytes the WebSocket sessions keep of their turns in flight, in case their client is cut "
+                     "(resume.max_buffer_bytes each)",
 }
 
 
@@ -273,6 +285,8 @@ class _LiveCollector:
             yield GaugeMetricFamily("wsrelay_limits_leases", _DOCS["leases"], value=leases)
         if live["resume_bytes"] is not None:
             yield GaugeMetricFamily("wsrelay_resume_held_bytes", _DOCS["resume_bytes"], value=live["resume_bytes"])
+            yield GaugeMetricFamily("wsrelay_resume_held_turns", _DOCS["resume_turns"], value=live["resume_turns"])
+        yield GaugeMetricFamily("wsrelay_resume_copy_bytes", _DOCS["resume_copies"], value=live["resume_copies"])
 
 
 class _SharedLive:
@@ -300,6 +314,8 @@ class _SharedLive:
         self.redis_outages = Counter("wsrelay_limits_redis_outages", _DOCS["redis_outages"], registry=registry)
         self.leases = gauge("wsrelay_limits_leases", _DOCS["leases"])
         self.resume_bytes = gauge("wsrelay_resume_held_bytes", _DOCS["resume_bytes"])
+        self.resume_held = gauge("wsrelay_resume_held_turns", _DOCS["resume_turns"])
+        self.resume_copies = gauge("wsrelay_resume_copy_bytes", _DOCS["resume_copies"])
         self._written = {"bytes": dict.fromkeys(DIRECTIONS, 0), "frames": dict.fromkeys(DIRECTIONS, 0),
                          "failures": 0, "outages": 0}
         self._greenlet = gevent.spawn(self._run)
@@ -339,6 +355,8 @@ class _SharedLive:
                 self._written["outages"] = outages
         if live["resume_bytes"] is not None:
             self.resume_bytes.set(live["resume_bytes"])
+            self.resume_held.set(live["resume_turns"])
+        self.resume_copies.set(live["resume_copies"])
 
     def close(self):
         self._greenlet.kill()

@@ -23,6 +23,9 @@ MISS_INPUT = "input_changed"
 MISS_NO_TURN_ID = "no_turn_id"
 MISS_DEAD = "upstream_gone"
 MISS_OVERFLOW = "buffer_overflowed"
+MISS_ACCOUNT = "other_account"
+MISS_TRANSPORT = "other_transport"
+MISS_UNREADABLE = "request_unreadable"  # the retry's first message could not be read as a response.create
 
 
 def turn_id(request, header=None):
@@ -86,6 +89,7 @@ class HeldTurn:
     size: int = 0
     alive: bool = True  # False once its upstream died: a retry must then run the turn anew
     overflowed: bool = False
+    transport: str = None  # "websocket" or "http": a held turn is resumed on the transport that holds it
 
 
 @dataclass
@@ -108,11 +112,13 @@ class ResumeRegistry:
         self.held[turn.conversation] = turn
         return previous if previous is not turn else None
 
-    def match(self, conversation_id, request, header, now):
+    def match(self, conversation_id, request, header, now, account=None, transport=None):
         """``(turn, None)`` when ``request`` (a ``response.create`` as a dict; ``header``: the handshake's
         ``x-codex-turn-metadata``) resumes the turn held for ``conversation_id`` — removed from the registry, the
         caller now owns it — else ``(None, reason)``; a held turn that did not match stays until it expires or
-        is released.  The conversation includes the relay key: a resume never crosses keys."""
+        is released.  The conversation includes the relay key: a resume never crosses keys.  ``account`` (the
+        retry's upstream account) and ``transport``, when given, must be the held turn's too (when it has
+        one): a resume never crosses accounts, and only the transport that holds a turn can replay it."""
         turn = self.held.get(conversation_id) if conversation_id is not None else None
         if turn is None:
             return None, MISS_NONE_HELD
@@ -125,6 +131,10 @@ class ResumeRegistry:
             return None, MISS_TURN
         if not is_suffix(turn.input, input_items(request)):
             return None, MISS_INPUT
+        if account is not None and account != turn.account:
+            return None, MISS_ACCOUNT
+        if transport is not None and turn.transport is not None and transport != turn.transport:
+            return None, MISS_TRANSPORT
         if not turn.alive:
             return None, MISS_DEAD
         if turn.overflowed:

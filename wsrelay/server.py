@@ -5,11 +5,12 @@ import json
 import signal
 import ssl
 import time
+import uuid
 
 import gevent
 import gevent.event
 
-from . import accounts, auth, httproutes, limits, quota, resume_http, upstream
+from . import accounts, auth, httproutes, limits, quota, resume_http, resume_ws, upstream
 from .accountsync import AccountSync
 from .config import ConfigError
 from .accounts import AccountPool
@@ -177,11 +178,11 @@ class RelayApp:
             attempts.succeeded(account)
             switch = quota.account_switch(self.pool, account, passthrough is None,
                                           self.config.upstream.default_cooldown_seconds)
-            self._session(handler, environ, key_id, account, up, switch)
+            self._session(handler, environ, key_id, account, up, switch, attempts)
         finally:
             attempts.release()  # the account's live count, taken when it was chosen
 
-    def _session(self, handler, environ, key_id, account, up, switch):
+    def _session(self, handler, environ, key_id, account, up, switch, attempts):
         self.tracer.emit("dial_ok", key_id=key_id, dial_ms=round(up.dial_ms, 2), client=_client(handler),
                          account=account.name)
         try:
@@ -199,9 +200,16 @@ class RelayApp:
                                              ws.passthrough_downstream_app_keepalive_interval_seconds,
                                              environ.get("HTTP_ORIGINATOR"), environ.get("HTTP_USER_AGENT"))
         sock, initial = handler.take_over()
+        session_id = uuid.uuid4().hex[:12]
+        if self.config.resume.enabled:
+            initial = resume_ws.lend(self, environ, key_id, account.name, sock, initial, app_keepalive, session_id,
+                                     up.sock, attempts)
+            if initial is None:
+                return  # the retry of a held turn: that session went on with this client
         session = Session(sock, up.sock, self.config, self.tracer, self.store, key_id=key_id, initial=initial,
                           up_initial=up.initial, app_keepalive=app_keepalive, account=account.name,
-                          account_switch=switch)
+                          account_switch=switch, session_id=session_id)
+        session.resume = resume_ws.copy_for(self, session, environ, key_id)
         self.sessions.add(session)
         if not self.accepting:
             session.shutdown()

@@ -6,6 +6,10 @@ frame's fate (sans I/O), :func:`Session._pump` is the one loop both directions r
 the responses, the keepalives (:mod:`wsrelay.keepalive`) keep a silent turn's client connection open, the
 :class:`~wsrelay.timers.SessionTimer` ends sessions that go quiet, and :mod:`wsrelay.closing` settles both sides
 once the first one ended.  How a side ended is an :class:`~wsrelay.exits.Exit` value; the first one reported wins.
+
+With turn resume (:mod:`wsrelay.resume_ws`, the session's ``resume``), a client that left mid-turn may be
+followed by its retry on another connection: the session then goes on with that client (:meth:`take_client`) on
+the same upstream, and the upstream pump never stops.
 """
 
 import socket
@@ -74,6 +78,9 @@ class Session:
         self.lingering = []  # greenlets reading what a peer still sends after the relay's own close
         # The bytes from a bad frame on, when a stream ended on one: where a lingering close starts walking.
         self.down_pending = self.up_pending = b""
+        self.resume = None  # the TurnCopy (wsrelay.resume_ws) of a session that may hold its turn for a retry
+        self.stash = None  # while a turn is held: the records kept back until its fate is known
+        self.lent = None  # the client connection a retry lent to this session, once one did
 
     @property
     def wrote_downstream(self):
@@ -90,6 +97,34 @@ class Session:
         self.trace("relay_start", key_id=self.key_id, ping_interval=ws.passthrough_downstream_ping_interval_seconds,
                    app_keepalive=self.app_keepalive, app_keepalive_why=self.app_keepalive_why)
         up = gevent.spawn(self._pump, "upstream")
+        first = None
+        try:
+            resumed = True
+            while resumed:  # a client, then each retry that resumed the turn its predecessor left
+                first, resumed = self._serve(up)
+        finally:
+            self.timer.disarm()
+            gevent.killall([up] + self.lingering)
+            for sock in (self.down_sock, self.up_sock):
+                _close(sock)
+            if self.lent is not None:
+                self.lent.done.set()
+            if self.stash is not None:  # a hold cut short by an error: its records still count
+                self.record(self.stash)
+                self.stash = None
+            if self.ledger.in_flight:
+                self.record(self.ledger.abandon(usage.RELAY_SESSION_CLOSED, not self.writer.open))
+            self.record(self.ledger.close())
+            self.trace("relay_complete", cause=first.stage if first else "error",
+                       graceful=first.graceful if first else False, wrote_downstream=self.wrote_downstream,
+                       duration_ms=int((time.monotonic() - self.started) * 1000), turns=self.turns_started,
+                       bytes_to_upstream=self.bytes_to_upstream, bytes_to_client=self.writer.bytes)
+        return first
+
+    def _serve(self, up):
+        """One client's part of the session, up to its settling; ``(first exit, resumed)``: ``resumed`` when a
+        retry of the turn in flight took the session over (its client is the current one now)."""
+        ws = self.settings
         down = gevent.spawn(self._pump, "client")
         helpers = []
         self.timer.arm()
@@ -104,7 +139,6 @@ class Session:
                                self.turn_changed, ws.passthrough_downstream_app_keepalive_interval_seconds,
                                self.trace)
             helpers.append(gevent.spawn(app.run))
-        first = None
         try:
             self.exit_event.wait()
             first = self.exit
@@ -115,24 +149,36 @@ class Session:
                 keepalive.stop()
             gevent.killall([g for g in helpers if g is not gevent.getcurrent()])
             if first.side == "client":
-                closing.settle_client_exit(self, first, up, down)
-            else:
-                closing.settle_upstream_exit(self, first, up, down)
+                return first, closing.settle_client_exit(self, first, up, down)
+            closing.settle_upstream_exit(self, first, up, down)
+            return first, False
         finally:
-            self.timer.disarm()
             if keepalive is not None:
                 keepalive.stop()
-            gevent.killall([up, down] + helpers + self.lingering)
-            for sock in (self.down_sock, self.up_sock):
-                _close(sock)
-            if self.ledger.in_flight:
-                self.record(self.ledger.abandon(usage.RELAY_SESSION_CLOSED, not self.writer.open))
-            self.record(self.ledger.close())
-            self.trace("relay_complete", cause=first.stage if first else "error",
-                       graceful=first.graceful if first else False, wrote_downstream=self.wrote_downstream,
-                       duration_ms=int((time.monotonic() - self.started) * 1000), turns=self.turns_started,
-                       bytes_to_upstream=self.bytes_to_upstream, bytes_to_client=self.writer.bytes)
-        return first
+            gevent.killall([down] + helpers)
+
+    def take_client(self, lent):
+        """A retry of the held turn takes the session over: its connection (a :class:`~wsrelay.resume_ws.Lent`)
+        becomes the client side.  Returns the writer to it, which the caller makes the session's once the held
+        frames are written (until then the upstream pump writes nowhere)."""
+        ws = self.settings
+        if self.lent is not None:
+            self.lent.done.set()  # the previous retry's connection is done with
+        self.lent = lent
+        frames_before = self.down.walker.frames
+        self.down_sock = lent.sock
+        lent.sock.settimeout(None)
+        self.down = FrameStream(True, read_limit=ws.client_read_limit_bytes, initial=lent.initial)
+        self.down.walker.frames += frames_before
+        writer = DownstreamWriter(lent.sock, ws.write_timeout_seconds, self._write_failed, lent.ping_supported)
+        writer.bytes = self.writer.bytes
+        self.app_keepalive, self.app_keepalive_why = lent.app_keepalive
+        self.exit = None
+        self.exit_event.clear()
+        self.pong_event.clear()
+        self.drain_done.clear()
+        self.down_pending = b""
+        return writer
 
     # -- the pump: one loop for both directions ------------------------------------------------------------------
 
@@ -171,12 +217,16 @@ class Session:
             kind = action.__class__
             if kind is Forward:
                 data, mid_frame, _ = action
+                if self.resume is not None:
+                    self.resume.sent(data, mid_frame)
                 if not self.send_up(data, mid_frame):
                     return self.exit
             elif kind is TurnStarted:
                 # A turn starts once its whole request has reached the upstream: a request cut short starts none.
                 self.turns_started += 1
                 self.record(self.ledger.start_turn(action.model))
+                if self.resume is not None:
+                    self.resume.started()
                 self._turn_changed()
                 self.trace("turn_start", direction=CLIENT_TO_UPSTREAM, model=action.model,
                            responses_in_flight=self.ledger.open_responses)
@@ -201,6 +251,8 @@ class Session:
         for action in actions:
             kind = action.__class__
             if kind is Forward:
+                if self.resume is not None:
+                    self.resume.received(*action)
                 self.writer.forward(*action)
             elif kind is LedgerEvent:
                 self._on_ledger_event(action.payload)
@@ -243,6 +295,8 @@ class Session:
             self.report(Exit(quota.STAGE, UPSTREAM_TO_CLIENT, "client", True, error="account out of quota: " + code,
                              close_code=quota.CLOSE_TRY_AGAIN_LATER, close_reason=quota.CLOSE_REASON))
             return
+        if self.resume is not None:
+            self.resume.received(action.frame, False)
         self.writer.forward(action.frame, False, True)
         if event is not None:
             self._on_event(event)
@@ -251,6 +305,8 @@ class Session:
         in_flight = self.ledger.in_flight
         self.record(self.ledger.on_event(event, client_disconnected=not self.writer.open))
         if in_flight and not self.ledger.in_flight:
+            if self.resume is not None:
+                self.resume.ended()
             self.turn_ended_at = time.monotonic()
             self._turn_changed()
             if self.shutting_down:
@@ -273,6 +329,9 @@ class Session:
         return exit_
 
     def record(self, records):
+        if self.stash is not None:
+            self.stash.extend(records)  # a held turn's: written once it is resumed or let go
+            return
         for record in records:
             self.trace("usage_recorded", **{name: getattr(record, name) for name in usage.REPORT_FIELDS})
             if self.store is not None:
@@ -318,6 +377,8 @@ class Session:
         """The server is stopping: close the client with 1001 now if no turn is in flight (or ``force``),
         else as soon as the turn's terminal event has been forwarded."""
         self.shutting_down = True
+        if self.resume is not None:
+            self.resume.release("server_shutdown")
         if force or not self.ledger.in_flight:
             self.report(Exit("server_shutdown", CLIENT_TO_UPSTREAM, "client", True,
                              close_code=frames.CLOSE_GOING_AWAY, close_reason="server shutting down"))

@@ -5,14 +5,19 @@ message's first bytes tell whether it may be an event the usage ledger reads (a 
 ``response.created`` with the response's id), and only those are copied whole for the usage parser; where the
 session asks for it, whether it may be an ``error`` event (held back until it is read).  Everything else passes
 through unread.
+
+Turn resume (:mod:`wsrelay.resume_ws`) reads whole requests, only where a turn is held or retried: the held
+request from the client frames the session kept, the retry's first message as it arrives.
 """
 
 import re
 
 from . import frames, usage
+from .frames import OP_CLOSE, OP_CONTINUATION, OP_TEXT
 
 SNIFF_CLIENT_BYTES = 256
 SNIFF_UPSTREAM_BYTES = 96
+NEED_MORE = object()
 
 
 class UpstreamMessage:
@@ -77,3 +82,69 @@ def prompt_cache_key(body):
     """A request body's ``prompt_cache_key`` (the conversation's, for sticking it to one account), or None."""
     match = _CACHE_KEY.search(body)
     return match.group(1).decode("utf-8", "replace") if match else None
+
+
+# -- whole requests, read only where a turn is held or retried (turn resume) ------------------------------------
+
+def first_message(buf, limit):
+    """A retry's first message in the client bytes ``buf``: ``(payload, end)`` when they start with a whole text
+    message (``payload`` unmasked; the bytes after it start at ``end``), :data:`NEED_MORE` while it is incomplete,
+    None when they start with anything else (a control frame, a binary message, a message over ``limit`` bytes, a
+    frame RFC 6455 forbids)."""
+    pos, size, parts = 0, 0, []
+    while True:
+        header = frames.parse_header(buf, pos, len(buf))
+        if header is None:
+            return NEED_MORE
+        fin, rsv, opcode, mask_key, length, header_length = header
+        if rsv or mask_key is None or opcode != (OP_CONTINUATION if parts else OP_TEXT):
+            return None
+        size += length
+        if size > limit:
+            return None
+        start = pos + header_length
+        if start + length > len(buf):
+            return NEED_MORE
+        parts.append(frames.unmask(bytes(buf[start:start + length]), mask_key))
+        pos = start + length
+        if fin:
+            return b"".join(parts), pos
+
+
+def frames_end(buf):
+    """Where the whole frames at the start of ``buf`` end."""
+    pos, end = 0, len(buf)
+    while True:
+        header = frames.parse_header(buf, pos, end)
+        if header is None or pos + header[5] + header[4] > end:
+            return pos
+        pos += header[5] + header[4]
+
+
+def text_messages(data):
+    """The text messages (unmasked payloads) of the whole client frames ``data``, in order."""
+    out, parts, pos, end = [], None, 0, len(data)
+    while True:
+        header = frames.parse_header(data, pos, end)
+        if header is None:
+            return out
+        fin, _, opcode, mask_key, length, header_length = header
+        start = pos + header_length
+        if start + length > end or mask_key is None:
+            return out
+        pos = start + length
+        if opcode >= OP_CLOSE:
+            continue
+        if opcode != OP_CONTINUATION:
+            parts = [] if opcode == OP_TEXT else None
+        if parts is not None:
+            parts.append(frames.unmask(bytes(data[start:pos]), mask_key))
+            if fin:
+                out.append(b"".join(parts))
+                parts = None
+
+
+def create_request(payload):
+    """The ``response.create`` (a dict) a text message holds, else None."""
+    request = usage.parse_event(payload)
+    return request if request is not None and request.get("type") == "response.create" else None

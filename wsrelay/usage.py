@@ -190,7 +190,7 @@ class UsageRecord:
     duration_ms: int = 0
     transport: str = "websocket"  # how the client reached the relay: "websocket" or "http"
     account: str = None  # the upstream account that served it
-    resumed: bool = False
+    resumed: bool = False  # reached its client through a resume (the client's retry of a cut turn)
     # The relay process that wrote it; None for a record from before wsrelay kept it.
     instance: str = field(default_factory=current_instance, metadata={"nullable": True})
 
@@ -234,12 +234,13 @@ REPORT_FIELDS = tuple(name for name in RECORD_FIELDS if name not in ("record_id"
 class _Turn:
     """One request in flight: when it reached the upstream, its model hint, and its response id once known."""
 
-    __slots__ = ("started_at", "model_hint", "response_id")
+    __slots__ = ("started_at", "model_hint", "response_id", "resumed")
 
     def __init__(self, started_at, model_hint):
         self.started_at = started_at
         self.model_hint = model_hint
         self.response_id = None
+        self.resumed = False
 
 
 def _response_field(event, name):
@@ -311,6 +312,14 @@ class TurnLedger:
             out.append(record)
         return out
 
+    def mark_resumed(self):
+        """The responses in flight (and a held ``error``) now reach a client through a resume: their records
+        will say ``resumed``."""
+        for turn in self._open:
+            turn.resumed = True
+        if self._pending_error is not None:
+            self._pending_error.resumed = True
+
     def abandon(self, terminal_event, client_disconnected):
         """Settle every response still in flight without its terminal event (zero tokens, ``terminal_event``
         says why), and any held error."""
@@ -322,7 +331,7 @@ class TurnLedger:
                 session_id=self.session_id, response_id=turn.response_id, model=turn.model_hint,
                 key_id=self.key_id, terminal_event=terminal_event, client_disconnected=bool(client_disconnected),
                 started_at=turn.started_at, duration_ms=_elapsed_ms(turn.started_at, now),
-                transport=self.transport, account=self.account))
+                transport=self.transport, account=self.account, resumed=turn.resumed))
         return out
 
     def close(self):
@@ -380,6 +389,7 @@ class TurnLedger:
             duration_ms=_elapsed_ms(started, now),
             transport=self.transport,
             account=self.account,
+            resumed=turn is not None and turn.resumed,
             **extract_usage(event))
 
     def _merge_failed(self, event, client_disconnected, now):

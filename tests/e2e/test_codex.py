@@ -21,6 +21,9 @@ the run instead of being retried.
   retries, sends the same ``POST`` again (same ``session-id``, ``turn_id`` and input; measured some 0.2 s after
   the cut, ``Reconnecting... 1/5``); the relay answers it with the held turn, so the upstream sees one request and
   the turn is billed once, as resumed.
+- WebSocket, cut the same way while the upstream is silent mid-turn: Codex retries the turn on a new connection,
+  the relay hands it the held turn (the response from its start, then the rest), the upstream runs the turn once
+  and the new connection goes on on the held upstream.
 """
 
 import gevent
@@ -32,7 +35,7 @@ import pytest
 from tests.codex import run_codex
 from tests.faultproxy import FaultProxy
 from tests.e2e.nginx import NGINX_MISSING_MESSAGE, NginxProxy, nginx_binary
-from tests.helpers import APP_KEEPALIVE_INTERVAL, first_exit, port_of, wait_until
+from tests.helpers import APP_KEEPALIVE_INTERVAL, HEAD_EVENTS, first_exit, port_of, wait_until
 from wsrelay.exchange import STAGE_APP, STAGE_SSE_OK
 
 pytestmark = pytest.mark.timeout(60)
@@ -229,3 +232,48 @@ def test_codex_over_http_gets_its_cut_turn_back_from_the_relay_and_the_upstream_
     assert len(store.records) == 1, store.records
     assert (record["resumed"], record["client_disconnected"], record["total_tokens"]) == (True, False, TURN_TOKENS)
     assert not tracer.find("resume_miss"), tracer.find("resume_miss")
+
+
+def test_codex_with_websockets_gets_a_turn_cut_mid_stream_back_from_the_relay_on_its_retry(
+        fake, relay, store, tracer, tmp_path):
+    app, upstream_url = upstream_fake(fake, silence=4.0)
+    url = start_relay(relay, upstream_url)
+    relay_app = relay.apps[-1]
+    proxy = FaultProxy(port_of(url))
+    times = {}
+    tracer.listeners.append(lambda stage, fields: times.setdefault(stage, []).append(time.monotonic()))
+
+    def cut_once():
+        tracer.wait_for("turn_start", count=2, timeout=40)  # Codex's prewarm, then the turn
+        [session] = relay_app.sessions
+        # The prewarm's two events and the turn's first ones have reached Codex: the upstream is silent now.
+        wait_until(lambda: session.up.walker.data_frames >= 2 + HEAD_EVENTS, what="the turn's first events")
+        times["cut"] = [time.monotonic()]
+        proxy.cut()
+
+    cutter = gevent.spawn(cut_once)
+    try:
+        run = run_codex(tmp_path, "http://127.0.0.1:%d/v1" % proxy.port, RELAY_KEY, supports_websockets=True,
+                        stream_max_retries=5, request_max_retries=4)  # Codex's own defaults
+    finally:
+        proxy.close()
+        cutter.kill()
+    run.assert_completed()
+    assert "cut" in times, "the cut never happened"
+    held, hit = tracer.wait_for("resume_held"), tracer.wait_for("resume_hit")
+    assert held["cause"] in ("client_reset", "client_eof") and hit["session"] == held["session"]
+    # The upstream ran the turn once: the prewarm and one real request, both on the first connection.
+    turns = [(number, r) for number, r in app.requests if r.get("generate") is not False]
+    assert [number for number, _ in turns] == [1], app.requests
+    assert len(app.requests) == 2 and app.http_requests == []
+    # Codex's retry: a new connection with the conversation's headers (its own upstream went unused).
+    assert len(app.handshakes) == 2 and app.handshakes[1]["session-id"] == app.handshakes[0]["session-id"]
+    records = turn_records(store)
+    assert len(records) == 1, store.records
+    record = records[0]
+    assert (record["resumed"], record["client_disconnected"], record["total_tokens"]) == (True, False, TURN_TOKENS)
+    assert record["terminal_event"] == "response.completed"
+    assert not tracer.find("resume_miss") and not tracer.find("drain_start")
+    wait_until(lambda: not relay_app.resume.held and relay_app.resume.total_bytes == 0)
+    reconnect = times["resume_hit"][0] - times["cut"][0]
+    assert 0 < reconnect < 5, reconnect
