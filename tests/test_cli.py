@@ -11,7 +11,7 @@ import pytest
 import websocket
 
 from tests.helpers import REPO, free_port
-from wsrelay import config
+from wsrelay import configdoc
 from wsrelay.auth import KeyRing
 from wsrelay.report import FIELDS
 from wsrelay.store import UsageStore
@@ -113,7 +113,7 @@ def test_check_config_warns_when_keys_have_no_upstream_credential(tmp_path):
 def test_print_defaults_prints_the_rendered_sample():
     result = run("check-config", "--print-defaults")
     assert result.returncode == 0, result.stderr
-    assert result.stdout == config.render_yaml()
+    assert result.stdout == configdoc.render_yaml()
     with open(os.path.join(REPO, "etc", "wsrelay.yaml"), encoding="utf-8") as fh:
         assert result.stdout == fh.read()
 

@@ -6,7 +6,7 @@ import os
 import pytest
 import yaml
 
-from wsrelay import config
+from wsrelay import config, configdoc
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -346,7 +346,7 @@ def test_fractional_interval_is_allowed(tmp_path, interval, timeout):
 
 
 def test_rendered_yaml_loads_back_to_exactly_the_defaults(tmp_path):
-    text = config.render_yaml()
+    text = configdoc.render_yaml()
     loaded = config.load(write(tmp_path, text))
     defaults = config.load()
     assert loaded.values == defaults.values
@@ -356,7 +356,7 @@ def test_rendered_yaml_loads_back_to_exactly_the_defaults(tmp_path):
 
 
 def test_rendered_yaml_documents_every_setting():
-    text = config.render_yaml()
+    text = configdoc.render_yaml()
     for setting in config.SETTINGS:
         leaf = setting.name.split(".")[-1]
         assert "%s:" % leaf in text, setting.name
@@ -366,7 +366,7 @@ def test_rendered_yaml_documents_every_setting():
 def test_sample_config_in_the_repository_is_the_rendered_defaults():
     with open(os.path.join(REPO, "etc", "wsrelay.yaml"), encoding="utf-8") as fh:
         sample = fh.read()
-    assert sample == config.render_yaml(), "etc/wsrelay.yaml drifted: regenerate it with " \
+    assert sample == configdoc.render_yaml(), "etc/wsrelay.yaml drifted: regenerate it with " \
                                            "`bin/wsrelay check-config --print-defaults > etc/wsrelay.yaml`"
 
 
@@ -380,7 +380,7 @@ def test_readme_settings_reference_is_generated_from_the_settings_table():
     with open(os.path.join(REPO, "README.rst"), encoding="utf-8") as fh:
         readme = fh.read()
     block = readme.split(".. reference-start\n\n", 1)[1].split(".. reference-end", 1)[0]
-    assert block == config.render_reference(), "regenerate with: bin/wsrelay check-config --print-reference"
+    assert block == configdoc.render_reference(), "regenerate with: bin/wsrelay check-config --print-reference"
 
 
 def test_readme_is_valid_restructuredtext():

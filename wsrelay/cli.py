@@ -136,10 +136,14 @@ def hash_key():
 def check_config(config_path, print_defaults, print_reference):
     """Validate a configuration file: one message per invalid key or value, non-zero exit if any."""
     if print_reference:
-        click.echo(config_mod.render_reference(), nl=False)
+        from . import configdoc
+
+        click.echo(configdoc.render_reference(), nl=False)
         return
     if print_defaults:
-        click.echo(config_mod.render_yaml(), nl=False)
+        from . import configdoc
+
+        click.echo(configdoc.render_yaml(), nl=False)
         return
     if not config_path:
         raise click.UsageError("--config is required (or --print-defaults)")
