@@ -36,6 +36,8 @@ BLOCK = 65536
 STAGE_SSE_OK = "downstream_sse_keepalive_ok"
 STAGE_APP = "downstream_app_keepalive"
 DIRECTION = "downstream_keepalive"
+# The events the relay reads from a stream: the ledger's, and those without a type ("message"), which may be.
+_READ_EVENTS = frozenset(usage.LEDGER_EVENTS | {"message"})
 _TERMINAL_STATUS = {"completed": "response.completed", "failed": "response.failed",
                     "incomplete": "response.incomplete", "cancelled": "response.incomplete"}
 
@@ -348,7 +350,7 @@ class Exchange:
     def _relay_events(self, response):
         """An event stream: relayed as it arrives, read by the SSE reader for the ledger, kept alive."""
         ledger = self.ledger
-        reader = SseReader(self.config.usage.max_event_bytes)
+        reader = SseReader(self.config.usage.max_event_bytes, wanted=_READ_EVENTS.__contains__)
         sse_interval = self.settings.sse_keepalive_interval_seconds
         ws = self.config.gateway.openai_ws
         app_on, _ = self.transport.app_keepalive(self.environ)
@@ -410,12 +412,11 @@ class Exchange:
                 self.held.record(data)
             if self._send(data):
                 last_write = last_business = now
-            for event in reader.feed(data):
-                self.events += 1
-                if event.event in usage.LEDGER_EVENTS or (
-                        event.event == "message" and event.data and usage.may_be_ledger_event(event.data[:256])):
+            for event in reader.feed(data):  # the ledger's events and untyped ones: few in a stream
+                if event.event != "message" or (event.data and usage.may_be_ledger_event(event.data[:256])):
                     self._record(ledger.on_event(usage.parse_event(event.data),
                                                  client_disconnected=not self.client_open))
+            self.events = reader.events
             if deadline is not None and not ledger.in_flight:
                 self.trace("drain_terminal", transport="http")
                 return self._settle(usage.RELAY_UPSTREAM_LOST)
