@@ -7,10 +7,8 @@ answered with the upstream's status, headers and body as they arrive.  An event 
 events go to the same :class:`~wsrelay.usage.TurnLedger` the WebSocket path uses, so a turn is billed the same
 way on both transports; a JSON Response object is billed from its ``usage``.
 
-The seed's rules hold here too.  After the first event, a client that has had no bytes for
-``gateway.openai_http.sse_keepalive_interval_seconds`` gets an SSE comment (proxies see traffic; clients ignore
-it) and, for Codex, an app keepalive event its idle watchdog counts — only between events, never inside one.
-When the client leaves mid-stream, the upstream is read on (bounded by the drain timeout) to the terminal event,
+The seed's rules hold here too (:mod:`wsrelay.sserelay` relays the stream): keepalives after the first event,
+only between events.  When the client leaves mid-stream, the upstream is read on (bounded by the drain timeout) to the terminal event,
 and the turn is recorded with ``client_disconnected=true`` — one record per response.  Unless the turn can be
 resumed: then it is held for the client's retry instead (:mod:`wsrelay.resume_http`).
 """
@@ -29,15 +27,10 @@ from .httpclient import HTTPUpstreamError, UpstreamHTTP
 from .httproutes import (RESPONSE_HOP_BY_HOP, RESPONSES, Refusal, content_length, status_line_for,
                          upstream_headers)
 from .keepalive import app_keepalive_choice
-from .sse import APP_KEEPALIVE_EVENT, KEEPALIVE_COMMENT, SseReader
+from .sserelay import relay_events
 from .websocket import error_body
 
 BLOCK = 65536
-STAGE_SSE_OK = "downstream_sse_keepalive_ok"
-STAGE_APP = "downstream_app_keepalive"
-DIRECTION = "downstream_keepalive"
-# The events the relay reads from a stream: the ledger's, and those without a type ("message"), which may be.
-_READ_EVENTS = frozenset(usage.LEDGER_EVENTS | {"message"})
 _TERMINAL_STATUS = {"completed": "response.completed", "failed": "response.failed",
                     "incomplete": "response.incomplete", "cancelled": "response.incomplete"}
 
@@ -243,7 +236,7 @@ class Exchange:
         try:
             if streaming and self.kind == RESPONSES and self.ledger is not None:
                 self.held = resume_http.recorder(self, status_line, headers)
-                self._relay_events(response)
+                relay_events(self, response)
             else:
                 self._relay_body(response, content_type)
         finally:
@@ -347,79 +340,12 @@ class Exchange:
         self._record(self.ledger.on_event({"type": kind, "response": obj},
                                           client_disconnected=self.client_disconnected))
 
-    def _relay_events(self, response):
-        """An event stream: relayed as it arrives, read by the SSE reader for the ledger, kept alive."""
-        ledger = self.ledger
-        reader = SseReader(self.config.usage.max_event_bytes, wanted=_READ_EVENTS.__contains__)
-        sse_interval = self.settings.sse_keepalive_interval_seconds
-        ws = self.config.gateway.openai_ws
-        app_on, _ = self.transport.app_keepalive(self.environ)
-        app_interval = ws.passthrough_downstream_app_keepalive_interval_seconds if app_on else 0
-        read_timeout = response.read_timeout
-        now = time.monotonic()
-        last_up = last_write = last_business = now
-        deadline = None  # the drain's, once the client is gone
-        while True:
-            if not self.client_open and deadline is None:
-                if self.held is not None and self.held.hold(reader):  # resume: kept for the client's retry
-                    return self.held.pump(response, reader, ledger)
-                deadline = self._start_drain(now)
-            wait = last_up + read_timeout - now
-            keepalive = self.client_open and reader.events and reader.at_boundary and ledger.in_flight
-            if keepalive:
-                if sse_interval:
-                    wait = min(wait, last_write + sse_interval - now)
-                if app_interval:
-                    wait = min(wait, last_business + app_interval - now)
-            if deadline is not None:
-                wait = min(wait, deadline - now)
-            try:
-                data = self._read(response, max(wait, 0.001))
-            except ClientGone:
-                now = time.monotonic()
-                continue
-            except socket.timeout:
-                now = time.monotonic()
-                if deadline is not None and now >= deadline:
-                    self.trace("drain_timeout", transport="http")
-                    self.outcome = "drain_timeout"
-                    return self._settle(usage.RELAY_DRAIN_TIMEOUT)
-                if now - last_up >= read_timeout:
-                    self._upstream_broke(socket.timeout("no bytes for %gs" % read_timeout), None)
-                    return self._settle(usage.RELAY_READ_TIMEOUT)
-                if keepalive and app_interval and now - last_business >= app_interval:
-                    if self._send(APP_KEEPALIVE_EVENT):
-                        last_write = last_business = now
-                        self.app_keepalives += 1
-                        self.trace(STAGE_APP, direction=DIRECTION, graceful=True, wrote_downstream=True)
-                elif keepalive and sse_interval and now - last_write >= sse_interval:
-                    if self._send(KEEPALIVE_COMMENT):
-                        last_write = now
-                        self.keepalives += 1
-                        self.trace(STAGE_SSE_OK, direction=DIRECTION, graceful=True, wrote_downstream=True)
-                continue
-            except HTTPUpstreamError as exc:
-                self._upstream_broke(exc, deadline)
-                return self._settle(usage.RELAY_UPSTREAM_LOST)
-            now = time.monotonic()
-            if not data:
-                if ledger.in_flight:
-                    self.outcome = "upstream_ended_mid_turn"
-                    self.trace("http_upstream_ended_mid_turn", key_id=self.key_id)
-                return self._settle(usage.RELAY_UPSTREAM_LOST)
-            last_up = now
-            if self.held is not None:
-                self.held.record(data)
-            if self._send(data):
-                last_write = last_business = now
-            for event in reader.feed(data):  # the ledger's events and untyped ones: few in a stream
-                if event.event != "message" or (event.data and usage.may_be_ledger_event(event.data[:256])):
-                    self._record(ledger.on_event(usage.parse_event(event.data),
-                                                 client_disconnected=not self.client_open))
-            self.events = reader.events
-            if deadline is not None and not ledger.in_flight:
-                self.trace("drain_terminal", transport="http")
-                return self._settle(usage.RELAY_UPSTREAM_LOST)
+    def bill_events(self, reader, data, ledger, client_disconnected):
+        """Feed the stream's bytes to its reader, and the events the ledger reads to the ledger."""
+        for event in reader.feed(data):  # the ledger's events and untyped ones (the reader's filter): few
+            if event.event != "message" or (event.data and usage.may_be_ledger_event(event.data[:256])):
+                self._record(ledger.on_event(usage.parse_event(event.data), client_disconnected=client_disconnected))
+        self.events = reader.events
 
     def _start_drain(self, now):
         self.outcome = "client_gone"

@@ -278,11 +278,7 @@ class HeldStream:
                 return usage.RELAY_UPSTREAM_LOST if ledger.in_flight else None
             last_up = time.monotonic()
             self.record(data)
-            for event in reader.feed(data):
-                exchange.events += 1
-                if event.event in usage.LEDGER_EVENTS or (
-                        event.event == "message" and event.data and usage.may_be_ledger_event(event.data[:256])):
-                    exchange._record(ledger.on_event(usage.parse_event(event.data), client_disconnected=True))
+            exchange.bill_events(reader, data, ledger, True)
             self.events, self.at_boundary = reader.events, reader.at_boundary
             if not ledger.in_flight and tail is None:
                 if self.deadline is not None:  # drained: the terminal event is all it waited for

@@ -36,7 +36,7 @@ from tests.codex import run_codex
 from tests.faultproxy import FaultProxy
 from tests.e2e.nginx import NGINX_MISSING_MESSAGE, NginxProxy, nginx_binary
 from tests.helpers import APP_KEEPALIVE_INTERVAL, HEAD_EVENTS, first_exit, port_of, wait_until
-from wsrelay.exchange import STAGE_APP, STAGE_SSE_OK
+from wsrelay.sserelay import STAGE_APP, STAGE_SSE_OK
 
 pytestmark = pytest.mark.timeout(60)
 
