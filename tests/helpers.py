@@ -407,3 +407,38 @@ class Served:
         self.reader.kill()
         self.proc.stdout.close()
         self.proc.stderr.close()
+
+
+def ws_turn(port, headers=()):
+    """One turn over WebSocket on a relay at ``port``; its response id."""
+    client = connect("ws://127.0.0.1:%d/v1/responses" % port, headers)
+    try:
+        send_create(client)
+        return read_events(client, until="response.completed", timeout=10)[-1]["response"]["id"]
+    finally:
+        client.sock.close()
+
+
+def http_turn(port, headers=None):
+    """One streamed turn over HTTP (POST /v1/responses) on a relay at ``port``; its response id."""
+    import http.client
+
+    from wsrelay.sse import SseReader
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request("POST", "/v1/responses", json.dumps({"model": "gpt-test", "input": "hi", "stream": True}),
+                     dict({"Content-Type": "application/json"}, **(headers or {})))
+        response = conn.getresponse()
+        assert response.status == 200, response.read()
+        reader, last = SseReader(), None
+        while True:
+            chunk = response.read1(65536)
+            if not chunk:
+                break
+            for event in reader.feed(chunk):
+                last = json.loads(event.data)
+        assert last["type"] == "response.completed", last
+        return last["response"]["id"]
+    finally:
+        conn.close()

@@ -10,9 +10,10 @@ import glob
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import tempfile
+
+from tests.helpers import free_port
 
 INSTALL_HINT = ("PostgreSQL's server programs (initdb, pg_ctl) were not found under /usr/lib/postgresql/*/bin: "
                 "install Debian's 'postgresql' package (bin/run-tests installs it when run as root)")
@@ -33,14 +34,6 @@ def server_bin_dir():
             except ValueError:
                 continue
     return max(found)[1] if found else None
-
-
-def _free_port():
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
-    return port
 
 
 class PrivatePostgres:
@@ -104,7 +97,7 @@ class PrivatePostgres:
                       "--locale=C", "--no-sync")
             self._initialised = True
         if self.port is None:
-            self.port = _free_port()
+            self.port = free_port()
         options = {"listen_addresses": "127.0.0.1", "port": self.port, "unix_socket_directories": self.socket_dir,
                    "max_connections": 200}
         if not self.durable:

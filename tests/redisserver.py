@@ -10,10 +10,11 @@ accepted and never answered, so only timeouts save the caller) and :meth:`RedisS
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
+
+from tests.helpers import free_port
 
 REDIS_MISSING_MESSAGE = ("redis-server was not found (neither on PATH nor at /usr/bin/redis-server); run "
                          "bin/run-tests, which installs Debian's redis-server and then runs the tests")
@@ -24,21 +25,13 @@ def redis_binary():
                                             else None)
 
 
-def _free_port():
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
-    return port
-
-
 class RedisServer:
     def __init__(self, password=None):
         self.binary = redis_binary()
         if self.binary is None:
             raise RuntimeError(REDIS_MISSING_MESSAGE)
         self.dir = tempfile.mkdtemp(prefix="wsrelay-redis-")
-        self.port = _free_port()
+        self.port = free_port()
         self.password = password
         self.proc = None
         self.paused = False

@@ -3,7 +3,6 @@ PostgreSQL and one Redis between them (private servers): one per-key limit acros
 the database exactly once (with the instance that relayed it), the slots of an instance killed with ``kill -9``
 free again within the lease TTL, and the other instance serving on."""
 
-import http.client
 import json
 import os
 import signal
@@ -12,14 +11,14 @@ import time
 import pytest
 import yaml
 
-from tests.helpers import connect, free_port, raw_request, read_events, send_create, wait_until
+from tests.helpers import free_port, http_turn, raw_request, wait_until, ws_turn
 from tests.integration.test_postgres import wait_for_line
-from wsrelay.sse import SseReader
 
 pytestmark = pytest.mark.timeout(120)
 
 KEY = "relay-key-shared"
 TTL = 2.0
+AUTH = [("Authorization", "Bearer " + KEY)]
 
 
 @pytest.fixture
@@ -52,40 +51,9 @@ def handshake(port):
     return raw_request("ws://127.0.0.1:%d/v1/responses" % port, [("Authorization", "Bearer " + KEY)])
 
 
-def ws_turn(port):
-    """One turn over WebSocket with the relay key; its response id."""
-    client = connect("ws://127.0.0.1:%d/v1/responses" % port, [("Authorization", "Bearer " + KEY)])
-    try:
-        send_create(client)
-        return read_events(client, until="response.completed", timeout=10)[-1]["response"]["id"]
-    finally:
-        client.sock.close()
-
-
-def http_turn(port):
-    """One streamed turn over HTTP with the relay key; its response id."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    try:
-        conn.request("POST", "/v1/responses", json.dumps({"model": "gpt-test", "input": "hi", "stream": True}),
-                     {"Content-Type": "application/json", "Authorization": "Bearer " + KEY})
-        response = conn.getresponse()
-        assert response.status == 200, response.read()
-        reader, last = SseReader(), None
-        while True:
-            chunk = response.read1(65536)
-            if not chunk:
-                break
-            for event in reader.feed(chunk):
-                last = json.loads(event.data)
-        assert last["type"] == "response.completed", last
-        return last["response"]["id"]
-    finally:
-        conn.close()
-
-
 def test_two_instances_share_one_limit_and_one_database(hosts):
     pg, url, ((a, port_a, _), (b, port_b, _)) = hosts
-    turns = [ws_turn(port_a), ws_turn(port_b), http_turn(port_a), http_turn(port_b)]
+    turns = [ws_turn(port_a, AUTH), ws_turn(port_b, AUTH), http_turn(port_a, dict(AUTH)), http_turn(port_b, dict(AUTH))]
 
     held = []
     for port in (port_a, port_b):  # the limit is 2 for the key, whichever instance counts
@@ -115,7 +83,7 @@ def test_two_instances_share_one_limit_and_one_database(hosts):
         sock.close()
 
     wait_until(lambda: _free_slot(port_b), timeout=TTL + 3, interval=0.1, what="the slots released")
-    turns.append(ws_turn(port_b))
+    turns.append(ws_turn(port_b, AUTH))
     assert b.terminate(timeout=15) == 0, b.stderr()
     rows = pg.execute(url.rsplit("/", 1)[1], "SELECT response_id, instance FROM usage")
     assert sorted(r[0] for r in rows) == sorted(turns), "every turn of both hosts once"

@@ -2,7 +2,6 @@
 both transports, lands in the database exactly once, the ones relayed while the server was down included (they
 wait in the fallback file and are replayed once it is back); and a slow write never delays a frame."""
 
-import http.client
 import json
 import os
 import subprocess
@@ -13,47 +12,14 @@ import gevent
 import pytest
 import yaml
 
-from tests.helpers import REPO, connect, free_port, read_events, send_create
+from tests.helpers import REPO, connect, free_port, http_turn, read_events, send_create, ws_turn
 from wsrelay import config as config_mod
 from wsrelay import server
 from wsrelay.frames import OP_TEXT
-from wsrelay.sse import SseReader
 from wsrelay.store import UsageStore
 from wsrelay.trace import NullTracer
 
 pytestmark = pytest.mark.timeout(90)
-
-
-def ws_turn(port):
-    """One turn over WebSocket; its response id."""
-    client = connect("ws://127.0.0.1:%d/v1/responses" % port)
-    try:
-        send_create(client)
-        events = read_events(client, until="response.completed", timeout=10)
-        return events[-1]["response"]["id"]
-    finally:
-        client.sock.close()
-
-
-def http_turn(port):
-    """One streamed turn over HTTP (POST /v1/responses); its response id."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    try:
-        conn.request("POST", "/v1/responses", json.dumps({"model": "gpt-test", "input": "hi", "stream": True}),
-                     {"Content-Type": "application/json"})
-        response = conn.getresponse()
-        assert response.status == 200, response.read()
-        reader, last = SseReader(), None
-        while True:
-            chunk = response.read1(65536)
-            if not chunk:
-                break
-            for event in reader.feed(chunk):
-                last = json.loads(event.data)
-        assert last["type"] == "response.completed", last
-        return last["response"]["id"]
-    finally:
-        conn.close()
 
 
 def wait_for_line(path, stage, timeout=15.0):
