@@ -119,6 +119,10 @@ class Session:
                        graceful=first.graceful if first else False, wrote_downstream=self.wrote_downstream,
                        duration_ms=int((time.monotonic() - self.started) * 1000), turns=self.turns_started,
                        bytes_to_upstream=self.bytes_to_upstream, bytes_to_client=self.writer.bytes)
+            # The parts that point back at the session let go of it: it is freed when its last user drops it,
+            # not at the next full collection (sessions ending faster than those come grew the heap for good).
+            self.writer.detach()
+            self.timer.session = None
         return first
 
     def _serve(self, up):

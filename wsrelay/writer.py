@@ -195,3 +195,11 @@ class DownstreamWriter:
     def _fail(self, what, exc):
         self.open = False
         self._on_failure(what, exc)
+
+    def detach(self):
+        """The session is over: drop its callback (a cycle with it that only the cyclic GC would free)."""
+        self._on_failure = _ignore_failure
+
+
+def _ignore_failure(what, exc):
+    pass

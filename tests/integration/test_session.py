@@ -6,7 +6,7 @@ import socket
 import gevent
 import pytest
 
-from tests.helpers import FAST, stays_false
+from tests.helpers import FAST, connect, read_events, send_create, stays_false, wait_until
 from wsrelay import config as config_mod
 from wsrelay.fake_upstream import FrameSocket
 from wsrelay.frames import OP_PING, OP_TEXT
@@ -76,3 +76,45 @@ def test_a_ping_failing_after_the_session_ended_is_not_reported(tracer, store):
     assert session.keepalive_failed("ping write failed") is None
     assert tracer.find("downstream_ping_failed") == []
     assert session.exit is exit_
+
+
+def test_finished_sessions_and_exchanges_are_freed_without_the_cyclic_collector(fake, relay, store):
+    """Sessions end faster than full collections come under churn: one left in a reference cycle would grow the
+    heap for good (the soak's RSS check), so nothing of a finished session or HTTP exchange may wait for gc."""
+    import gc
+    import http.client
+    import json as json_mod
+
+    from tests.helpers import port_of
+    from wsrelay.exchange import Exchange
+    from wsrelay.session import Session
+
+    _, url = fake(silence=0.2)
+    relay_url = relay(url)
+    app = relay.apps[-1]
+    def alive():
+        return sorted(type(o).__name__ for o in gc.get_objects() if isinstance(o, (Session, Exchange)))
+
+    gc.collect()
+    before = alive()  # what other tests' servers may still hold
+    gc.disable()
+    try:
+        for drop in (False, True):
+            client = connect(relay_url)
+            send_create(client)
+            if drop:
+                read_events(client, count=2)
+                client.sock.close()
+            else:
+                read_events(client, until="response.completed")
+                client.close()
+        conn = http.client.HTTPConnection("127.0.0.1", port_of(relay_url), timeout=5)
+        conn.request("POST", "/v1/responses", json_mod.dumps({"model": "m", "input": "hi", "stream": True}))
+        conn.getresponse().read()
+        conn.close()
+        store.wait(3)
+        wait_until(lambda: not app.sessions and not app.http.live, what="everything ended")
+        gevent.sleep(0.3)
+        assert len(alive()) <= len(before), (before, alive())
+    finally:
+        gc.enable()
