@@ -20,7 +20,7 @@ import uuid
 
 import gevent
 
-from . import accounts, resume_http, sniff, usage
+from . import accounts, heldstream, resume_http, sniff, usage
 from .clientwatch import ClientGone, ClientWatch
 from .failover import FAILOVER_UPSTREAM_STATUSES, Attempts, credential_header
 from .httpclient import HTTPUpstreamError, UpstreamHTTP
@@ -97,6 +97,8 @@ class Exchange:
                        upstream_ms=self.upstream_ms, bytes_up=self.bytes_up, bytes_down=self.bytes_down,
                        events=self.events, keepalives=self.keepalives, app_keepalives=self.app_keepalives,
                        client_disconnected=self.client_disconnected, account=self.account)
+            if self.held is not None and self.held.state == heldstream.RECORDING:
+                self.held = None  # a copy nobody holds: let it go with the exchange, not at the next full gc
         return []
 
     def refuse(self, refusal):

@@ -123,6 +123,7 @@ class Session:
             # not at the next full collection (sessions ending faster than those come grew the heap for good).
             self.writer.detach()
             self.timer.session = None
+            self.resume = None  # its TurnCopy points back here too
         return first
 
     def _serve(self, up):

@@ -90,8 +90,9 @@ def test_finished_sessions_and_exchanges_are_freed_without_the_cyclic_collector(
     from wsrelay.session import Session
 
     _, url = fake(silence=0.2)
-    relay_url = relay(url)
+    relay_url = relay(url, resume__window_seconds=0.3)  # the dropped turn with a conversation is held that long
     app = relay.apps[-1]
+
     def alive():
         return sorted(type(o).__name__ for o in gc.get_objects() if isinstance(o, (Session, Exchange)))
 
@@ -99,8 +100,9 @@ def test_finished_sessions_and_exchanges_are_freed_without_the_cyclic_collector(
     before = alive()  # what other tests' servers may still hold
     gc.disable()
     try:
-        for drop in (False, True):
-            client = connect(relay_url)
+        for drop, headers in ((False, []), (True, []), (False, [("session-id", "s-1")]),
+                              (True, [("session-id", "s-2")])):
+            client = connect(relay_url, headers)
             send_create(client)
             if drop:
                 read_events(client, count=2)
@@ -108,12 +110,14 @@ def test_finished_sessions_and_exchanges_are_freed_without_the_cyclic_collector(
             else:
                 read_events(client, until="response.completed")
                 client.close()
-        conn = http.client.HTTPConnection("127.0.0.1", port_of(relay_url), timeout=5)
-        conn.request("POST", "/v1/responses", json_mod.dumps({"model": "m", "input": "hi", "stream": True}))
-        conn.getresponse().read()
-        conn.close()
-        store.wait(3)
-        wait_until(lambda: not app.sessions and not app.http.live, what="everything ended")
+        for headers in ({}, {"session-id": "s-3"}):
+            conn = http.client.HTTPConnection("127.0.0.1", port_of(relay_url), timeout=5)
+            conn.request("POST", "/v1/responses", json_mod.dumps({"model": "m", "input": "hi", "stream": True}),
+                         headers)
+            conn.getresponse().read()
+            conn.close()
+        store.wait(6)
+        wait_until(lambda: not app.sessions and not app.http.live and not app.resume.held, what="everything ended")
         gevent.sleep(0.3)
         assert len(alive()) <= len(before), (before, alive())
     finally:
