@@ -57,11 +57,12 @@ class AccountSwitch:
     """What a session on ``account`` may do about a quota error: ask whether another account of ``pool`` is
     usable now, and cool its own account down."""
 
-    def __init__(self, pool, account, default_cooldown, clock=time.monotonic):
+    def __init__(self, pool, account, default_cooldown, clock=time.monotonic, sync=None):
         self.pool = pool
         self.account = account
         self.default_cooldown = default_cooldown
         self.clock = clock
+        self.sync = sync  # the pool's state shared through Redis (wsrelay.accountsync), when it is
 
     def elsewhere(self):
         """Another account is usable now (a new connection would be dialled to it)."""
@@ -71,13 +72,15 @@ class AccountSwitch:
         """Leave the account out of the choice for the event's Retry-After (else the default); the seconds."""
         seconds = retry_after_seconds(retry_after(event), self.default_cooldown)
         self.pool.cool_down(self.account, self.clock(), seconds, code)
+        if self.sync is not None:
+            self.sync.cooled_down(self.account, seconds, code)  # other instances stop choosing it too
         return seconds
 
 
-def account_switch(pool, account, relay_credentials, default_cooldown):
+def account_switch(pool, account, relay_credentials, default_cooldown, sync=None):
     """The :class:`AccountSwitch` for a session on ``account``, or None when moving its client could not help:
     the pool has no other account, or the credential upstream is the client's own (``relay_credentials``
     False: every account would get the same one)."""
     if not relay_credentials or not any(a is not account for a in pool.accounts.values()):
         return None
-    return AccountSwitch(pool, account, default_cooldown)
+    return AccountSwitch(pool, account, default_cooldown, sync=sync)

@@ -177,7 +177,7 @@ class RelayApp:
                 break
             attempts.succeeded(account)
             switch = quota.account_switch(self.pool, account, passthrough is None,
-                                          self.config.upstream.default_cooldown_seconds)
+                                          self.config.upstream.default_cooldown_seconds, self.account_sync)
             self._session(handler, environ, key_id, account, up, switch, attempts)
         finally:
             attempts.release()  # the account's live count, taken when it was chosen

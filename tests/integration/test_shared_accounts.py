@@ -83,3 +83,18 @@ def test_a_cooldown_is_local_only_while_redis_is_down(pair, redis_server, relay,
     assert accounts_page(one)["a"]["state"] == "cooling_down"
     ws_turn(other)  # other knows nothing of it and tries a, which answers now
     assert a.connections == 1
+
+
+def test_a_quota_error_mid_session_on_one_instance_cools_the_account_down_for_the_other(pair):
+    from tests.helpers import read_close
+
+    (a, b), (one, other) = pair()
+    a.mode = "quota-mid"
+    client = connect(one, [("Authorization", "Bearer " + KEY)])  # the round robin starts with a
+    client.send(OP_TEXT, CREATE)
+    assert read_close(client)[0] == 1013
+    assert accounts_page(other)["a"]["state"] == "cooling_down"
+    a.mode = "normal"
+    for _ in range(3):
+        ws_turn(other)
+    assert a.connections == 1  # only the session that hit the quota
